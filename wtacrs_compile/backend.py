@@ -1,0 +1,101 @@
+"""The ``wtacrs`` torch.compile backend: Inductor plus the WTA-CRS joint-graph pass.
+
+``torch.compile(model, backend="wtacrs", options={...})`` reaches :func:`wtacrs` through the
+``torch_dynamo_backends`` entry point; :func:`backend` builds the same thing from Python with
+a :class:`~wtacrs_compile.config.WTACRSConfig` and keeps the per-graph reports on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+from .config import WTACRSConfig
+from .graph_utils import saved_set
+from .passes.joint_pass import WTACRSJointPass
+from .report import CompileReport, _log
+
+
+class WTACRSBackend:
+    """A Dynamo backend: ``torch.compile(model, backend=WTACRSBackend(config))``.
+
+    Every graph it compiles appends a :class:`CompileReport` to :attr:`reports`.
+    """
+
+    def __init__(self, config: Optional[WTACRSConfig] = None, **overrides: Any) -> None:
+        if config is None:
+            config = WTACRSConfig.from_options(overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        if not isinstance(config, WTACRSConfig):
+            raise TypeError(f"wtacrs: config must be a WTACRSConfig, got {type(config).__name__}")
+        self.config = config
+        self.reports: List[CompileReport] = []
+
+    def __repr__(self) -> str:
+        return f"WTACRSBackend({self.config!r})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+        options = kwargs.pop("options", None)
+        mode = kwargs.pop("mode", None)
+        if kwargs:
+            raise TypeError(f"wtacrs backend: unexpected arguments {sorted(kwargs)}")
+        if mode not in (None, "default"):
+            raise ValueError(
+                f"wtacrs backend: mode={mode!r} is not supported; pass the backend's settings "
+                f"with options={{...}} (valid keys: ratio, min_k, deterministic, mode, rules, ...)"
+            )
+        config = self.config if options is None else _merge(self.config, options)
+
+        report = CompileReport(config=config.to_dict())
+        self.reports.append(report)
+        _log(report)
+
+        # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Parameters
+        # arrive as nn.Parameter objects (Dynamo inlines nn.Modules and lifts their weights).
+        params = frozenset(
+            f"primals_{i + 1}" for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)
+        )
+        static = tuple(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+        joint_pass = WTACRSJointPass(config, params, static, report)
+
+        forward_graphs: List[torch.fx.GraphModule] = []
+
+        def inner_compile(graph_module: torch.fx.GraphModule, inputs, **kw):
+            if kw.get("is_backward"):
+                report.backward_graph = str(graph_module.graph)
+                if forward_graphs:
+                    report.compiled_saved_bytes = saved_set(forward_graphs[-1], graph_module).activation_bytes
+            elif not kw.get("is_inference"):
+                report.forward_graph = str(graph_module.graph)
+                forward_graphs.append(graph_module)
+            return compile_fx_inner(graph_module, inputs, **kw)
+
+        # The AOTAutograd cache would skip the joint pass on a hit and leave no report; the FX
+        # graph cache (forward and backward code) stays on and is keyed by the pass's uuid().
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(
+                gm,
+                example_inputs,
+                inner_compile=inner_compile,
+                config_patches={"joint_custom_post_pass": joint_pass},
+            )
+
+
+def _merge(config: WTACRSConfig, options: Any) -> WTACRSConfig:
+    if isinstance(options, WTACRSConfig):
+        return options
+    WTACRSConfig.from_options(options)  # validates keys and values with the full message
+    return config.replace(**dict(options))
+
+
+def backend(config: Optional[WTACRSConfig] = None, **overrides: Any) -> WTACRSBackend:
+    """``torch.compile(model, backend=wtacrs_compile.backend(ratio=0.3))``."""
+    return WTACRSBackend(config, **overrides)
+
+
+def wtacrs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """Entry point of ``backend="wtacrs"``: a fresh backend per compile, options from kwargs."""
+    return WTACRSBackend()(gm, example_inputs, **kwargs)

@@ -1,0 +1,111 @@
+"""The WTA-CRS estimator (Winner-Take-All Column-Row Sampling), as plain torch functions.
+
+For ``A @ B`` contracted over ``N`` (rows of ``B``, columns of ``A``) with a budget of ``k``
+column-row pairs:
+
+* probabilities ``p_i`` proportional to a non-negative score per row (``||x_i||`` in the
+  forward pass, ``||x_i|| * ||g_i||`` in the backward pass);
+* winners ``C``: the ``c`` rows of highest ``p``, summed exactly.  ``c`` minimises
+  ``(1 - P_C) / (k - c)`` over ``c = 0..k-1`` (``"adaptive"``), or is a fixed fraction of k;
+* the other ``k - c`` slots are drawn i.i.d. *with replacement* from ``p`` restricted to the
+  non-winners, each weighted ``(1 - P_C) / ((k - c) p_j)``.
+
+The estimate ``sum_j w_j a_{:,idx_j} b_{idx_j,:}`` is unbiased for any ``p`` that is positive
+wherever a row contributes.  Every shape is static: always ``k`` indices, winners and draws are
+told apart by their weight, never by a data-dependent size.
+
+These functions are traced with ``make_fx`` into the joint graph, so they use only ops
+Inductor lowers.  Leading batch dimensions are supported (one draw per batch entry), which is
+how ``bmm`` samples per (batch, head).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+DeterministicT = Union[str, float]
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """L2 norm of each row (last dim) in float32, without ``linalg_vector_norm``."""
+    x = x.float()
+    return (x * x).sum(-1).sqrt()
+
+
+def probabilities(scores: Tensor) -> Tensor:
+    """Normalise non-negative scores over the last dim; all-zero rows become uniform."""
+    scores = scores.float()
+    total = scores.sum(-1, keepdim=True)
+    n = scores.shape[-1]
+    uniform = torch.full_like(scores, 1.0 / n)
+    return torch.where(total > 0, scores / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+
+def winner_count(top_p: Tensor, k: int, deterministic: DeterministicT) -> Tensor:
+    """Number of winners ``c`` for each leading index, as an int64 tensor of shape ``(*B, 1)``.
+
+    ``top_p`` holds the k largest probabilities, sorted descending.  ``"adaptive"`` picks the
+    ``c`` in ``0..k-1`` minimising ``(1 - P_c) / (k - c)``, ``P_c`` the mass of the top c rows;
+    ties go to the smaller ``c``, so ``c = 0`` unless some ``c`` beats ``1/k``.
+    """
+    batch = top_p.shape[:-1]
+    if deterministic != "adaptive":
+        c = min(int(float(deterministic) * k), k - 1)
+        return torch.full((*batch, 1), c, dtype=torch.int64, device=top_p.device)
+    mass = torch.cumsum(top_p, dim=-1)
+    # P_c for c = 0..k-1: the mass of the first c winners.
+    p_c = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., : k - 1]], dim=-1)
+    slots = torch.arange(k, 0, -1, device=top_p.device, dtype=top_p.dtype)  # k - c
+    objective = (1.0 - p_c) / slots
+    return torch.argmin(objective, dim=-1, keepdim=True)
+
+
+def wtacrs_sample(
+    scores: Tensor, k: int, deterministic: DeterministicT = "adaptive"
+) -> Tuple[Tensor, Tensor]:
+    """Draw ``k`` row indices and their weights from per-row ``scores`` of shape ``(*B, N)``.
+
+    Returns ``(idx, weight)``, both ``(*B, k)``: ``idx`` int64, ``weight`` float32.  Winners
+    have weight 1; drawn rows ``(1 - P_C) / ((k - c) p_j)``.
+    """
+    n = scores.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"wtacrs: k must be in [1, N={n}], got {k}")
+    p = probabilities(scores)
+    top_p, top_idx = torch.topk(p, k, dim=-1)
+    c = winner_count(top_p, k, deterministic)
+    slot = torch.arange(k, device=p.device).expand_as(top_idx)
+    is_winner = slot < c
+
+    # Mass of the non-winners, and their CDF for inverse-transform sampling.
+    winner_mass = torch.zeros_like(p).scatter(-1, top_idx, torch.where(is_winner, top_p, 0.0))
+    rest = torch.where(winner_mass > 0, 0.0, p)
+    rest_mass = rest.sum(-1, keepdim=True)
+    cdf = torch.cumsum(rest, dim=-1)
+    # u in (0, 1]: a target > 0 never lands on a zero-mass row at the start of the CDF.
+    # The noise is drawn from a constant-shaped source so that replaying it in backward
+    # (see sample_matmul.py) needs only the RNG state, not a saved tensor.
+    u = 1.0 - torch.rand_like(torch.zeros(top_p.shape, dtype=torch.float32, device=top_p.device))
+    drawn = torch.searchsorted(cdf.contiguous(), (u * rest_mass).contiguous()).clamp_max(n - 1)
+    p_drawn = torch.gather(p, -1, drawn)
+    n_drawn = (k - c).to(p.dtype)
+    w_drawn = torch.where(
+        p_drawn > 0, rest_mass / (n_drawn * p_drawn.clamp_min(torch.finfo(torch.float32).tiny)), 0.0
+    )
+    idx = torch.where(is_winner, top_idx, drawn)
+    weight = torch.where(is_winner, torch.ones_like(w_drawn), w_drawn)
+    return idx, weight
+
+
+def sampled_matmul_reference(
+    a: Tensor, b: Tensor, k: int, deterministic: DeterministicT = "adaptive", use_a: bool = True
+) -> Tensor:
+    """Eager reference of the estimator for ``a @ b`` (2-D): used by tests, not by the pass."""
+    scores = row_norms(b)
+    if use_a:
+        scores = scores * row_norms(a.t())
+    idx, w = wtacrs_sample(scores, k, deterministic)
+    return (a[:, idx] * w.to(a.dtype)) @ b[idx]

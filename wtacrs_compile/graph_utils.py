@@ -1,0 +1,239 @@
+"""Helpers shared by the passes: node classification, module names, tracing replacements
+into a joint graph, and running the partitioner on a copy of a joint graph."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+aten = torch.ops.aten
+
+VIEW_OPS = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.permute.default,
+    aten.t.default,
+    aten.expand.default,
+    aten.squeeze.dim,
+    aten.unsqueeze.default,
+    aten.alias.default,
+}
+
+
+def is_call(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def val(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def tensor_nbytes(v: Any) -> int:
+    """Bytes of a (fake) tensor's data; 0 for non-tensors (SymInts and the like)."""
+    if not isinstance(v, torch.Tensor):
+        return 0
+    n = v.numel()
+    if not isinstance(n, int):
+        try:
+            n = int(n)
+        except Exception:  # unbacked or unhinted symbol: count nothing rather than guess
+            return 0
+    return n * v.element_size()
+
+
+def tangent_dependent(graph: fx.Graph) -> set:
+    """Nodes whose value depends on a ``tangents_*`` input: the backward part of a joint graph."""
+    dep: set = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.target.startswith("tangents"):
+                dep.add(node)
+        elif any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def strip_views(node: fx.Node) -> fx.Node:
+    while is_call(node, *VIEW_OPS):
+        node = node.args[0]
+    return node
+
+
+def transposed_source(node: fx.Node) -> Optional[fx.Node]:
+    """``x`` when ``node`` is ``permute(x, [1, 0])`` or ``t(x)``; else None."""
+    if is_call(node, aten.t.default):
+        return node.args[0]
+    if is_call(node, aten.permute.default) and list(node.args[1]) == [1, 0]:
+        return node.args[0]
+    return None
+
+
+_ROOT = re.compile(r"^L\['(?:self|fn|mod|model|module|m)'\]\.?")
+
+
+def normalize_fqn(path: str) -> str:
+    """Dynamo's module path (``L['self'].encoder.layer[0]``) to a module FQN (``encoder.layer.0``)."""
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+    return path.strip(".")
+
+
+def module_stack(node: fx.Node) -> List[Tuple[str, type]]:
+    """The module stack of a joint-graph node, outermost first, as (fqn, type) pairs.
+
+    Forward nodes carry ``nn_module_stack``; backward nodes ``fwd_nn_module_stack``, copied
+    from the forward node they differentiate.
+    """
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    out = []
+    for entry in stack.values():
+        path, typ = entry[0], entry[1]
+        if isinstance(typ, str):
+            typ = type(typ, (), {})  # a type name only: keep it matchable by name
+        out.append((normalize_fqn(str(path)), typ))
+    return out
+
+
+def innermost_module(node: fx.Node) -> Tuple[str, Tuple[type, ...]]:
+    stack = module_stack(node)
+    if not stack:
+        return "", ()
+    fqn, typ = stack[-1]
+    return fqn, (typ,)
+
+
+@functools.lru_cache(None)
+def _decompositions() -> Dict[Any, Callable]:
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    # Keep rand_like whole: Inductor lowers it as a fallback to eager's generator, and the
+    # partitioner treats it as random (never recomputed in backward).
+    for op in list(table):
+        if getattr(op, "overloadpacket", None) is aten.rand_like:
+            del table[op]
+    return table
+
+
+def fake_mode_of(graph: fx.Graph):
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise RuntimeError("wtacrs: the joint graph carries no fake tensors (meta['val'])")
+    return mode
+
+
+def trace(fn: Callable, example_vals: Sequence[Any], fake_mode, cache: Optional[dict] = None, key: Any = None) -> fx.GraphModule:
+    """Trace ``fn`` over fake values into an ATen graph with Inductor's decompositions.
+
+    With ``cache`` and ``key`` (which must determine the traced graph: shapes, dtypes and every
+    constant ``fn`` closes over), a trace is reused: the planner rewrites many copies of a graph.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if cache is not None:
+        full_key = (key, tuple((tuple(v.shape), v.dtype, v.device) for v in example_vals))
+        if full_key in cache:
+            return cache[full_key]
+    with fake_mode:
+        gm = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="real")(*example_vals)
+    if cache is not None:
+        cache[full_key] = gm
+    return gm
+
+
+def insert_graph(
+    graph: fx.Graph, sub: fx.GraphModule, args: Sequence[fx.Node], before: fx.Node, meta: Dict[str, Any]
+) -> Any:
+    """Copy ``sub``'s nodes into ``graph`` before ``before``, wiring its inputs to ``args``.
+
+    ``meta`` (module stacks, seq_nr, ...) is merged into every inserted node so module names
+    survive the rewrite.  Returns the inserted counterparts of ``sub``'s outputs.
+    """
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(args):
+        raise AssertionError("wtacrs: replacement arity mismatch")
+    val_map = dict(zip(placeholders, args))
+    with graph.inserting_before(before):
+        out = graph.graph_copy(sub.graph, val_map)
+    for node in sub.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        new = val_map[node]
+        for key, value in meta.items():
+            new.meta.setdefault(key, value)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Partitioning a copy of the joint graph: the planner's measuring stick.
+
+
+@dataclass
+class SavedSet:
+    """What the partitioner saves for backward, split into activations and the rest."""
+
+    activations: Dict[str, int]  # forward node name -> bytes, excluding inputs and their views
+    aliases_of_inputs: Dict[str, int]  # saved tensors that alias graph inputs (cost nothing extra)
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(self.activations.values())
+
+
+def num_fwd_outputs(graph: fx.Graph) -> int:
+    """A joint graph returns ``[*forward_outputs, *grad_per_primal]``."""
+    output = graph.find_nodes(op="output")[0]
+    primals = [n for n in graph.nodes if n.op == "placeholder" and not n.target.startswith("tangents")]
+    return len(output.args[0]) - len(primals)
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    return copy.deepcopy(graph)
+
+
+def partition_saved(graph: fx.Graph, static_input_indices: Optional[List[int]] = None) -> SavedSet:
+    """Run Inductor's partitioner on a copy of ``graph`` and report what it saves."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    g = copy_graph(graph)
+    root = graph.owning_module if graph.owning_module is not None else torch.nn.Module()
+    gm = fx.GraphModule(root, g)
+    fw, bw = min_cut_rematerialization_partition(
+        gm,
+        None,
+        compiler="inductor",
+        num_fwd_outputs=num_fwd_outputs(g),
+        static_lifetime_input_indices=static_input_indices,
+    )
+    return saved_set(fw, bw)
+
+
+def saved_set(fw: fx.GraphModule, bw: fx.GraphModule) -> SavedSet:
+    """Classify the backward graph's inputs: saved activations vs inputs, views of inputs, tangents."""
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
+    activations: Dict[str, int] = {}
+    aliases: Dict[str, int] = {}
+    for node in bw.graph.nodes:
+        if node.op != "placeholder" or node.target.startswith("tangents"):
+            continue
+        nbytes = tensor_nbytes(node.meta.get("val"))
+        src = fw_nodes.get(node.name)
+        root = strip_views(src) if src is not None else None
+        if node.name.startswith("primals") or (root is not None and root.op == "placeholder"):
+            aliases[node.name] = nbytes
+        else:
+            activations[node.name] = nbytes
+    return SavedSet(activations, aliases, fw, bw)

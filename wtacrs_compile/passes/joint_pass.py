@@ -1,0 +1,179 @@
+"""The joint-graph pass Inductor runs before partitioning (``joint_custom_post_pass``).
+
+It ties the analysis, the planner and the rewrite together::
+
+    sites    = find_weight_grad_matmuls(joint)           # match_matmuls.py
+    settings = config.resolve(site)                      # per-op ratio / mode / enabled
+    plan     = plan_memory.plan(joint, candidates, ...)  # measured on partitioned copies
+    for each site sampled: rewrite (sample_matmul.py)    # forward or backward draw
+
+and fills the :class:`~wtacrs_compile.report.CompileReport` with one record per matched op.
+Its ``uuid()`` hashes the package's source and the config, so Inductor's FX graph cache never
+serves a graph compiled under other settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+from ..config import OpSettings, WTACRSConfig
+from ..graph_utils import partition_saved
+from ..report import CompileReport, OpRecord
+from . import plan_memory
+from .match_matmuls import MatmulSite, find_weight_grad_matmuls
+from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(None)
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        h.update(path.relative_to(_PACKAGE).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _type_name(types) -> str:
+    return types[0].__name__ if types else ""
+
+
+class WTACRSJointPass(CustomGraphPass):
+    def __init__(
+        self,
+        config: WTACRSConfig,
+        params: FrozenSet[str],
+        static_input_indices: Tuple[int, ...],
+        report: CompileReport,
+    ) -> None:
+        self.config = config
+        self.params = frozenset(params)
+        self.static_input_indices = list(static_input_indices)
+        self.report = report
+
+    def uuid(self) -> str:
+        h = hashlib.sha256()
+        h.update(source_hash().encode())
+        h.update(self.config.fingerprint().encode())
+        h.update(",".join(sorted(self.params)).encode())
+        return h.hexdigest()
+
+    # ----------------------------------------------------------------------------------
+
+    def __call__(self, graph: fx.Graph) -> None:
+        report = self.report
+        # Earlier joint passes may leave the graph out of order (Inductor sorts after all of
+        # them); copies for the planner need definitions before uses.
+        stable_topological_sort(graph)
+        self._trace_cache: dict = {}
+        report.joint_graph_before = str(graph)
+        sites = find_weight_grad_matmuls(graph, self.params)
+        settings: Dict[str, OpSettings] = {}
+        candidates: List[MatmulSite] = []
+        skipped: Dict[str, str] = {}
+        for site in sites:
+            s = self.config.resolve(site.fqn, site.module_types, site.kind)
+            settings[site.node] = s
+            k = s.k_for(site.n) if site.n > 0 else -1
+            if not s.enabled:
+                skipped[site.node] = s.reason
+            elif site.skip_reason:
+                skipped[site.node] = site.skip_reason
+            elif s.ratio >= 1.0:
+                skipped[site.node] = "ratio 1.0: exact"
+            elif k >= site.n:
+                skipped[site.node] = f"k = {k} >= N = {site.n}: nothing to sample"
+            else:
+                candidates.append(site)
+
+        by_name = {s.node: s for s in sites}
+
+        def apply(g: fx.Graph, assign: Dict[str, str]) -> Dict[str, str]:
+            return self._apply(g, [by_name[n] for n in assign], assign, settings)
+
+        if candidates:
+            result = plan_memory.plan(
+                graph,
+                candidates,
+                {s.node: settings[s.node].mode for s in candidates},
+                apply,
+                self.static_input_indices,
+            )
+            baseline = result.baseline
+            report.measurements.update(result.measurements)
+            decisions = result.decisions
+            shared = apply(graph, plan_memory.decisions_to_assign(decisions))
+            final = result.final  # partitioned from an identical rewrite of a copy
+        else:
+            decisions, shared = {}, {}
+            baseline = final = partition_saved(graph, self.static_input_indices)
+
+        report.baseline_saved_bytes = baseline.activation_bytes
+        report.baseline_saved_tensors = dict(baseline.activations)
+        report.wtacrs_saved_bytes = final.activation_bytes
+        report.saved_tensors = dict(final.activations)
+        report.joint_graph_after = str(graph)
+        report.ops = [self._record(site, settings[site.node], decisions, skipped, shared) for site in sites]
+
+    def _apply(
+        self, graph: fx.Graph, sites: List[MatmulSite], assign: Dict[str, str], settings: Dict[str, OpSettings]
+    ) -> Dict[str, str]:
+        """Rewrite ``sites`` of ``graph`` per ``assign``; returns site -> site it shares a draw with."""
+        nodes = {n.name: n for n in graph.nodes}
+        cache = self._trace_cache
+        draws: Dict[tuple, tuple] = {}
+        shared: Dict[str, str] = {}
+        for site in sites:
+            s = settings[site.node]
+            k = s.k_for(site.n)
+            node = nodes[site.node]
+            if assign[site.node] == plan_memory.MEMORY:
+                key = (site.x_key, k, s.deterministic)
+                if key not in draws:
+                    draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache), site.node)
+                else:
+                    shared[site.node] = draws[key][1]
+                rewrite_with_forward_sample(graph, node, site, draws[key][0], cache)
+            else:
+                rewrite_with_backward_sample(graph, node, site, k, s.deterministic, cache)
+        graph.eliminate_dead_code()
+        return shared
+
+    def _record(self, site, s: OpSettings, decisions, skipped, shared) -> OpRecord:
+        k = s.k_for(site.n) if site.n > 0 else -1
+        elem = site.x_bytes // max(site.n * site.d, 1) if site.n > 0 else 0
+        before = site.x_bytes if site.n > 0 else 0
+        if site.node in skipped:
+            decision, reason, measured = "exact", skipped[site.node], None
+        else:
+            d = decisions[site.node]
+            decision, reason, measured = d.decision, d.reason, d.measured_saving
+        if decision == plan_memory.MEMORY:
+            after = 0 if site.node in shared else k * site.d * elem + k * (8 + 4)
+        else:
+            after = before
+        return OpRecord(
+            module=site.fqn,
+            module_type=_type_name(site.module_types),
+            op=site.kind,
+            node=site.node,
+            shapes={"x": list(site.x_shape), "grad": list(site.g_shape)},
+            dtype=str(site.dtype).replace("torch.", ""),
+            ratio=s.ratio,
+            k=k,
+            decision=decision,
+            reason=reason,
+            saved_bytes_before=before,
+            saved_bytes_after=after,
+            measured_saving=measured,
+            rules=list(s.rules),
+            shared_draw_with=shared.get(site.node),
+        )

@@ -1,0 +1,151 @@
+"""Decide, per matched op, whether WTA-CRS sampling pays -- measured, not guessed.
+
+In a compiled graph the partitioner saves one tensor and recomputes cheap work from it.
+Sampling an activation ``X`` in forward lowers memory only when nothing else in backward needs
+the full ``X``, nor a tensor ``X`` is recomputed from: Q/K/V and FFN-up inputs are recomputed
+from the LayerNorm input, which LayerNorm's backward keeps anyway; FFN-down's from the GeLU
+input.  Sampling those costs accuracy and saves nothing.
+
+The planner therefore asks the partitioner itself.  Sites that read the same activation form
+one *unit* (one shared draw).  Units of the same structural *class* (module path with layer
+indices folded, op kind, shapes) behave alike, so one measurement per class serves a whole
+stack of layers:
+
+1. partition with every candidate unit sampled in forward: ``B_all`` saved bytes;
+2. for each class, partition with that class left exact: ``B_-c``;
+3. the class pays when ``B_-c - B_all > 0``; its units are sampled in forward (``memory``).
+   Classes that do not pay get ``compute`` (backward sampling, FLOPs only) when the mode
+   allows it, else stay ``exact``, each with the reason.
+4. a final partition of the chosen plan is compared with the unsampled baseline; a plan that
+   does not lower the saved bytes is dropped whole.
+
+That is ``2 + #classes`` partitioner runs, whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch.fx as fx
+
+from ..graph_utils import SavedSet, copy_graph, partition_saved
+from .match_matmuls import MatmulSite
+
+MEMORY, COMPUTE, EXACT = "memory", "compute", "exact"
+
+
+@dataclass
+class Decision:
+    decision: str
+    reason: str
+    measured_saving: Optional[int] = None  # bytes the op's class saved, per op, when measured
+
+
+@dataclass
+class PlanResult:
+    decisions: Dict[str, Decision]  # site node name -> decision
+    baseline: SavedSet
+    final: Optional[SavedSet] = None  # the partition of the chosen plan (baseline if none)
+    measurements: Dict[str, int] = field(default_factory=dict)  # trial name -> saved bytes
+
+
+def site_class(site: MatmulSite) -> str:
+    """Structural class of a site: the FQN with layer indices folded, the op computing its
+    activation, kind and shapes."""
+    folded = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", site.fqn)
+    return f"{folded}|{site.x_producer}|{site.kind}|{site.x_shape}|{site.g_shape}|{site.dtype}"
+
+
+def plan(
+    graph: fx.Graph,
+    candidates: Sequence[MatmulSite],
+    modes: Dict[str, str],
+    apply: Callable[[fx.Graph, Dict[str, str]], None],
+    static_input_indices: Optional[List[int]] = None,
+) -> PlanResult:
+    """Plan ``candidates`` (enabled, rewritable sites) given each site's configured mode.
+
+    ``apply(graph, {site: "memory"|"compute"})`` rewrites a graph copy; the planner never
+    touches ``graph`` itself.
+    """
+
+    def measure(assign: Dict[str, str]) -> SavedSet:
+        g = copy_graph(graph)
+        apply(g, assign)
+        return partition_saved(g, static_input_indices)
+
+    baseline = partition_saved(graph, static_input_indices)
+    result = PlanResult({}, baseline, {"baseline": baseline.activation_bytes})
+    decisions = result.decisions
+
+    forced = {s.node: MEMORY for s in candidates if modes[s.node] == "all"}
+    compute_only = {s.node: COMPUTE for s in candidates if modes[s.node] == "compute"}
+    for name in forced:
+        decisions[name] = Decision(MEMORY, "mode 'all': sampled in forward without a memory test")
+    for name in compute_only:
+        decisions[name] = Decision(COMPUTE, "mode 'compute': sampled in backward")
+    tested = [s for s in candidates if modes[s.node] in ("memory", "memory+compute")]
+    if not tested:
+        result.final = measure(decisions_to_assign(decisions)) if decisions else baseline
+        return result
+
+    # Sites reading one activation share a draw (one unit); units alike form a class.
+    units: Dict[str, List[MatmulSite]] = {}
+    for s in tested:
+        units.setdefault(s.x_key, []).append(s)
+    classes: Dict[str, List[MatmulSite]] = {}
+    for members in units.values():
+        key = " + ".join(sorted(site_class(s) for s in members))
+        classes.setdefault(key, []).extend(members)
+
+    everything = dict(forced)
+    everything.update({s.node: MEMORY for s in tested})
+    b_all = measure(everything).activation_bytes
+    result.measurements["all_candidates"] = b_all
+
+    for cls, members in classes.items():
+        without = {k: v for k, v in everything.items() if k not in {m.node for m in members}}
+        b_without = measure(without).activation_bytes
+        result.measurements[f"without:{cls}"] = b_without
+        gain = b_without - b_all
+        per_op = gain // len(members)
+        for s in members:
+            if gain > 0:
+                decisions[s.node] = Decision(
+                    MEMORY,
+                    f"sampling in forward removes the full activation from the saved set "
+                    f"(measured: {gain} B for {len(members)} op(s) of this class)",
+                    per_op,
+                )
+            else:
+                why = (
+                    "sampling in forward saves no bytes: the full activation, or the tensor it is "
+                    "recomputed from, stays saved for another backward op"
+                    + (f" (measured: {gain:+d} B)" if gain else "")
+                )
+                if modes[s.node] == "memory+compute":
+                    decisions[s.node] = Decision(COMPUTE, why + "; sampled in backward for FLOPs", per_op)
+                else:
+                    decisions[s.node] = Decision(EXACT, why, per_op)
+
+    chosen = decisions_to_assign(decisions)
+    final = measure(chosen) if chosen else baseline
+    result.measurements["plan"] = final.activation_bytes
+    if not forced and chosen and final.activation_bytes >= baseline.activation_bytes:
+        for s in tested:
+            if decisions[s.node].decision == MEMORY:
+                decisions[s.node] = Decision(
+                    EXACT,
+                    f"the combined plan saved no bytes ({final.activation_bytes} B vs "
+                    f"{baseline.activation_bytes} B unsampled); left exact",
+                )
+        chosen = decisions_to_assign(decisions)
+        final = measure(chosen) if chosen else baseline
+    result.final = final
+    return result
+
+
+def decisions_to_assign(decisions: Dict[str, Decision]) -> Dict[str, str]:
+    return {k: d.decision for k, d in decisions.items() if d.decision in (MEMORY, COMPUTE)}

@@ -1,0 +1,153 @@
+"""Rewrite a matched weight-gradient matmul to the WTA-CRS estimator.
+
+Forward sampling (``memory``), for ``dW = mm(permute(G), X)``::
+
+    before                                   after
+    %x2d = view(%x, [N, D])                  %x2d = view(%x, [N, D])
+                                             %idx, %w = wtacrs_sample(||%x2d||, k)  # MUST_SAVE
+                                             %xs  = index(%x2d, [%idx])             # MUST_SAVE
+    %mm  = mm(permute(%g2d), %x2d)           %gs  = index(%g2d, [%idx]) * %w[:, None]
+                                             %mm' = mm(permute(%gs), %xs)
+
+``%idx``, ``%w`` and ``%xs`` depend only on forward values and are tagged ``MUST_SAVE``: the
+partitioner saves them rather than recomputing them in backward, so the indices backward
+uses are exactly the ones drawn in forward (``aten.rand_like`` alone would also be kept out
+of recomputation; the tag makes the whole sample, not just the noise, a saved value).
+Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the planner
+only picks this rewrite where it measured that it does.
+
+Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: the exact
+gradient-row norms (lower variance), nothing saved, weight-gradient FLOPs cut to ``k/N``.
+
+The rows of ``X`` are saved unscaled; the importance weights scale the rows of ``G`` (in
+float32), so a low-precision activation is stored bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from ..estimator import row_norms, wtacrs_sample
+from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, transposed_source, val
+from .match_matmuls import MatmulSite
+
+FORWARD = "memory"
+BACKWARD = "compute"
+
+
+def _x_and_g(node: fx.Node, site: MatmulSite, graph: fx.Graph) -> Tuple[fx.Node, fx.Node, bool, bool]:
+    """The N-row matrices X and G of a matched mm, and whether each is given transposed."""
+    a, b = node.args[0], node.args[1]
+    if site.x_side == "b":
+        x, g_t = b, a
+        g = transposed_source(g_t)
+        return x, (g if g is not None else g_t), False, g is None
+    x_t, g = a, b
+    x = transposed_source(x_t)
+    return (x if x is not None else x_t), g, x is None, False
+
+
+def _as_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.t() if transposed else t
+
+
+@dataclass
+class ForwardSample:
+    """The saved sample of one activation, shared by every site that reads it."""
+
+    idx: fx.Node
+    weight: fx.Node
+    rows: fx.Node
+    k: int
+
+
+def _apply(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
+    return xs.t() @ gs if x_side == "a" else gs.t() @ xs
+
+
+def draw_forward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+) -> ForwardSample:
+    """Insert the forward draw for ``site``'s activation; tag its outputs MUST_SAVE."""
+    x, _, x_t, _ = _x_and_g(node, site, graph)
+
+    def sample(x_in):
+        rows = _as_rows(x_in, x_t)
+        idx, w = wtacrs_sample(row_norms(rows), k, deterministic)
+        return idx, w, rows[idx]
+
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic))
+    anchor = x.next if x.op == "placeholder" else x.next
+    meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
+    idx, w, rows = insert_graph(graph, sub, [x], before=_first_non_placeholder(graph, anchor), meta=meta)
+    for out in (idx, w, rows):
+        out.meta["wtacrs"] = "forward_sample"
+    for n in _inserted_between(x, idx):
+        if is_call(n, aten.rand_like.default):
+            # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
+            # re-runs this op under the RNG state saved in forward (functionalize_rng_ops).
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    return ForwardSample(idx, w, rows, k)
+
+
+def _inserted_between(start: fx.Node, end: fx.Node):
+    node = start.next
+    while node is not end.next and node.op != "root":
+        yield node
+        node = node.next
+
+
+def _first_non_placeholder(graph: fx.Graph, anchor: fx.Node) -> fx.Node:
+    node = anchor
+    while node.op == "placeholder":
+        node = node.next
+    return node
+
+
+def _backward_meta(node: fx.Node) -> Dict:
+    return {key: node.meta[key] for key in ("seq_nr", "fwd_nn_module_stack", "stack_trace") if key in node.meta}
+
+
+def _replace(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
+    new.meta["wtacrs"] = "estimate"
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def rewrite_with_forward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, sample: ForwardSample, cache: Optional[dict] = None
+) -> None:
+    """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample."""
+    _, g, _, g_t = _x_and_g(node, site, graph)
+
+    def estimate(g_in, idx, w, xs):
+        rows = _as_rows(g_in, g_t)
+        gs = (rows[idx].float() * w.unsqueeze(-1)).to(rows.dtype)
+        return _apply(gs, xs, site.x_side)
+
+    args = [g, sample.idx, sample.weight, sample.rows]
+    sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("fwd_estimate", g_t, site.x_side))
+    out = insert_graph(graph, sub, args, before=node, meta=_backward_meta(node))
+    _replace(graph, node, out)
+
+
+def rewrite_with_backward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+) -> None:
+    """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``."""
+    x, g, x_t, g_t = _x_and_g(node, site, graph)
+
+    def estimate(x_in, g_in):
+        xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
+        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic)
+        gs = (gr[idx].float() * w.unsqueeze(-1)).to(gr.dtype)
+        return _apply(gs, xr[idx], site.x_side)
+
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, k, deterministic))
+    out = insert_graph(graph, sub, [x, g], before=node, meta=_backward_meta(node))
+    _replace(graph, node, out)

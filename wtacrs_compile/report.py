@@ -1,0 +1,101 @@
+"""What the ``wtacrs`` pass did to one compiled graph: per-op records and saved-byte totals.
+
+A :class:`CompileReport` is produced for every graph the backend compiles and is kept on the
+backend object (``WTACRSBackend.reports``) and in a short per-process log readable with
+:func:`recent_reports` (for ``backend="wtacrs"`` given by name).  Nothing is printed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional
+
+
+@dataclass
+class OpRecord:
+    module: str  # module FQN, e.g. "encoder.layer.0.attention.self.query"
+    module_type: str
+    op: str  # "linear" | "lora" | "bmm"
+    node: str  # the backward matmul in the joint graph
+    shapes: Dict[str, List[int]]  # "x": the sampled activation (N x D), "grad": G (N x D_out)
+    dtype: str
+    ratio: float
+    k: int
+    decision: str  # "memory" | "compute" | "exact"
+    reason: str
+    saved_bytes_before: int  # bytes of the full activation this op's weight gradient reads
+    saved_bytes_after: int  # what it reads after the rewrite (sampled rows + indices + weights)
+    measured_saving: Optional[int] = None  # planner's measurement for this op's class, per op
+    rules: List[int] = field(default_factory=list)  # indices of the config rules that matched
+    shared_draw_with: Optional[str] = None  # sibling op whose forward draw this op reuses
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompileReport:
+    config: Dict[str, Any]
+    ops: List[OpRecord] = field(default_factory=list)
+    baseline_saved_bytes: Optional[int] = None  # partitioned joint graph, no rewrite
+    wtacrs_saved_bytes: Optional[int] = None  # partitioned joint graph after the rewrite
+    compiled_saved_bytes: Optional[int] = None  # read off the backward graph Inductor compiled
+    measurements: Dict[str, int] = field(default_factory=dict)
+    joint_graph_before: str = ""
+    joint_graph_after: str = ""
+    forward_graph: str = ""
+    backward_graph: str = ""
+    saved_tensors: Dict[str, int] = field(default_factory=dict)  # name -> bytes, after rewrite
+    baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> List[OpRecord]:
+        return [op for op in self.ops if op.decision != "exact"]
+
+    def count(self, decision: Optional[str] = None, op: Optional[str] = None) -> int:
+        return sum(
+            1
+            for r in self.ops
+            if (decision is None or r.decision == decision) and (op is None or r.op == op)
+        )
+
+    def to_dict(self, graphs: bool = False) -> Dict[str, Any]:
+        base, after = self.baseline_saved_bytes, self.wtacrs_saved_bytes
+        d = {
+            "config": self.config,
+            "ops": [op.to_dict() for op in self.ops],
+            "totals": {
+                "baseline_saved_bytes": base,
+                "wtacrs_saved_bytes": after,
+                "ratio": (after / base) if base and after is not None else None,
+                "compiled_saved_bytes": self.compiled_saved_bytes,
+            },
+            "measurements": dict(self.measurements),
+            "saved_tensors": dict(self.saved_tensors),
+            "baseline_saved_tensors": dict(self.baseline_saved_tensors),
+        }
+        if graphs:
+            d["graphs"] = {
+                "joint_before": self.joint_graph_before,
+                "joint_after": self.joint_graph_after,
+            }
+        return d
+
+
+_RECENT: Deque[CompileReport] = collections.deque(maxlen=32)
+
+
+def _log(report: CompileReport) -> None:
+    _RECENT.append(report)
+
+
+def recent_reports() -> List[CompileReport]:
+    """Reports of the graphs compiled by ``backend="wtacrs"`` in this process, oldest first
+    (the last 32)."""
+    return list(_RECENT)
+
+
+def clear_reports() -> None:
+    _RECENT.clear()
