@@ -53,12 +53,10 @@ class WTACRSBackend:
         self.reports.append(report)
         _log(report)
 
-        # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Parameters
-        # arrive as nn.Parameter objects (Dynamo inlines nn.Modules and lifts their weights).
-        params = frozenset(
-            f"primals_{i + 1}" for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)
-        )
-        static = tuple(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+        # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Dynamo
+        # inlines nn.Modules and lifts their parameters and buffers to inputs, marked static.
+        static = tuple(i for i, t in enumerate(example_inputs) if _is_static_input(t))
+        params = frozenset(f"primals_{i + 1}" for i in static)
         joint_pass = WTACRSJointPass(config, params, static, report)
 
         forward_graphs: List[torch.fx.GraphModule] = []
@@ -82,6 +80,11 @@ class WTACRSBackend:
                 inner_compile=inner_compile,
                 config_patches={"joint_custom_post_pass": joint_pass},
             )
+
+
+def _is_static_input(t: Any) -> bool:
+    """Parameters and buffers: what the partitioner treats as free to save."""
+    return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
 
 
 def _merge(config: WTACRSConfig, options: Any) -> WTACRSConfig:

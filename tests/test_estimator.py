@@ -1,0 +1,125 @@
+"""The WTA-CRS estimator itself (eager, no compiler): winner count, weights, draws, unbiasedness."""
+
+import math
+
+import pytest
+import torch
+
+from wtacrs_compile.config import OpSettings
+from wtacrs_compile.estimator import probabilities, row_norms, sampled_matmul_reference, winner_count, wtacrs_sample
+
+from stats import assert_unbiased
+
+
+def objective(p_sorted, k, c):
+    return (1 - float(p_sorted[:c].sum())) / (k - c)
+
+
+def brute_force_c(p_sorted, k):
+    values = [objective(p_sorted, k, c) for c in range(k)]
+    return min(range(k), key=lambda c: (values[c], c)), values
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_adaptive_winner_count_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(5, 200, (1,), generator=g))
+    k = int(torch.randint(1, n + 1, (1,), generator=g))
+    # mixtures of flat and heavy-tailed distributions
+    scores = torch.rand(n, generator=g, dtype=torch.float64) ** (1 + 10 * torch.rand(1, generator=g, dtype=torch.float64))
+    p = scores / scores.sum()
+    top = torch.sort(p, descending=True).values[:k]
+    c = int(winner_count(top, k, "adaptive"))
+    best, values = brute_force_c(top, k)
+    # Equal to the brute-force minimiser, up to float ties between near-equal objectives.
+    assert c == best or values[c] <= values[best] * (1 + 1e-9) + 1e-15
+    assert values[c] <= 1 / k * (1 + 1e-12)  # never worse than plain CRS (c = 0)
+
+
+def test_fixed_and_plain_crs_winner_counts():
+    top = torch.tensor([0.5, 0.2, 0.1, 0.1])
+    assert int(winner_count(top, 4, 0.0)) == 0
+    assert int(winner_count(top, 4, 0.5)) == 2
+    assert int(winner_count(top, 4, 0.99)) == 3  # capped at k - 1: one slot is always drawn
+
+
+def test_winners_are_top_rows_and_drawn_rows_carry_importance_weights():
+    torch.manual_seed(0)
+    scores = torch.cat([torch.tensor([50.0, 40.0, 30.0]), torch.rand(97)])
+    k = 10
+    p = probabilities(scores)
+    order = torch.argsort(p, descending=True)
+    top = p[order[:k]]
+    c = int(winner_count(top, k, "adaptive"))
+    assert c >= 1, "heavy head must produce winners"
+    rest_mass = 1 - float(p[order[:c]].sum())
+    for _ in range(50):
+        idx, w = wtacrs_sample(scores, k)
+        assert idx.shape == (k,) and w.shape == (k,)
+        assert set(idx[:c].tolist()) == set(order[:c].tolist())
+        assert torch.all(w[:c] == 1)
+        drawn = idx[c:]
+        assert not set(drawn.tolist()) & set(order[:c].tolist()), "drawn rows exclude winners"
+        expected = rest_mass / ((k - c) * p[drawn])
+        torch.testing.assert_close(w[c:], expected, rtol=1e-4, atol=0)
+
+
+def test_draws_follow_the_restricted_distribution():
+    """Chi-square goodness of fit of the drawn rows against p restricted to non-winners."""
+    torch.manual_seed(1)
+    scores = torch.tensor([100.0] + [1.0 + i for i in range(20)])
+    k = 6
+    reps = 4000
+    idx, w = wtacrs_sample(scores.expand(reps, -1).contiguous(), k)
+    winners = (w == 1) & (idx == 0)
+    assert bool(winners[:, 0].all()), "row 0 is the winner in every draw"
+    drawn = idx[:, 1:].reshape(-1)
+    counts = torch.bincount(drawn, minlength=21).double()
+    assert counts[0] == 0
+    q = scores[1:].double() / scores[1:].sum()
+    expected = q * drawn.numel()
+    chi2 = float(((counts[1:] - expected) ** 2 / expected).sum())
+    # 19 degrees of freedom: P(chi2 > 50) < 1e-4
+    assert chi2 < 50, chi2
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+@pytest.mark.parametrize("profile", ["flat", "heavy"])
+def test_reference_estimator_is_unbiased(ratio, profile):
+    torch.manual_seed(2)
+    n = 200
+    a = torch.randn(6, n, dtype=torch.float64)
+    b = torch.randn(n, 5, dtype=torch.float64)
+    if profile == "heavy":
+        b = b * (torch.rand(n, 1, dtype=torch.float64) ** -1.5)
+    k = math.ceil(ratio * n)
+    draws = torch.stack([sampled_matmul_reference(a, b, k) for _ in range(600)])
+    assert_unbiased(draws, a @ b)
+
+
+def test_k_formula():
+    s = OpSettings(enabled=True, ratio=0.3, min_k=16, mode="memory", deterministic="adaptive", rules=())
+    assert s.k_for(1000) == 300
+    assert s.k_for(20) == 16
+    assert s.k_for(10) == 10  # min(N, ...)
+    assert OpSettings(True, 0.1, 1, "memory", "adaptive", ()).k_for(128) == 13
+
+
+def test_zero_rows_never_contribute_and_all_zero_input_is_uniform():
+    scores = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0])
+    for k in (2, 3, 4):
+        for _ in range(20):
+            idx, w = wtacrs_sample(scores, k)
+            zero_rows = (scores[idx] == 0)
+            # A slot with no mass left to draw from points anywhere, with weight 0.
+            assert torch.all(w[zero_rows] == 0)
+    x = torch.tensor([[0.0], [3.0], [0.0], [1.0], [0.0]])
+    idx, w = wtacrs_sample(scores, 3)  # two winners hold all the mass: the estimate is exact
+    torch.testing.assert_close((w[:, None] * x[idx]).sum(0), x.sum(0))
+    idx, w = wtacrs_sample(torch.zeros(5), 2)
+    assert torch.isfinite(w).all()
+
+
+def test_bad_k_is_rejected():
+    with pytest.raises(ValueError, match="k must be in"):
+        wtacrs_sample(torch.rand(4), 5)
