@@ -64,10 +64,12 @@ class WTACRSBackend:
         def inner_compile(graph_module: torch.fx.GraphModule, inputs, **kw):
             if kw.get("is_backward"):
                 report.backward_graph = str(graph_module.graph)
+                report.graph_modules["backward"] = graph_module
                 if forward_graphs:
                     report.compiled_saved_bytes = saved_set(forward_graphs[-1], graph_module).activation_bytes
             elif not kw.get("is_inference"):
                 report.forward_graph = str(graph_module.graph)
+                report.graph_modules["forward"] = graph_module
                 forward_graphs.append(graph_module)
             return compile_fx_inner(graph_module, inputs, **kw)
 

@@ -222,6 +222,8 @@ class WTACRSConfig:
     keep_heads_exact: ops of modules named like an output head (:data:`DEFAULT_EXACT_MODULES`)
         stay exact unless a rule enables them.
     ops: which op kinds the backend matches at all.
+    pack_masks: store the boolean masks saved for backward (ReLU, dropout) as packed bits;
+        lossless, 8x smaller.
     """
 
     ratio: float = 0.3
@@ -231,6 +233,7 @@ class WTACRSConfig:
     rules: tuple = ()
     keep_heads_exact: bool = True
     ops: tuple = ("linear", "bmm")
+    pack_masks: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -243,8 +246,9 @@ class WTACRSConfig:
         object.__setattr__(
             self, "rules", tuple(r if isinstance(r, Rule) else Rule.from_dict(r) for r in rules)
         )
-        if not isinstance(self.keep_heads_exact, bool):
-            _fail(f"keep_heads_exact must be true or false, got {self.keep_heads_exact!r}")
+        for flag in ("keep_heads_exact", "pack_masks"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         for op in ops:
             if op not in ("linear", "bmm"):

@@ -61,6 +61,21 @@ def tangent_dependent(graph: fx.Graph) -> set:
     return dep
 
 
+def forward_required(graph: fx.Graph) -> set:
+    """Nodes the forward outputs of a joint graph depend on (the partitioner's "required
+    forward" set): everything else is computed for backward only."""
+    output = graph.find_nodes(op="output")[0]
+    stack = [a for a in output.args[0][: num_fwd_outputs(graph)] if isinstance(a, fx.Node)]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
 def strip_views(node: fx.Node) -> fx.Node:
     while is_call(node, *VIEW_OPS):
         node = node.args[0]

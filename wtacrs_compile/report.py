@@ -49,6 +49,9 @@ class CompileReport:
     backward_graph: str = ""
     saved_tensors: Dict[str, int] = field(default_factory=dict)  # name -> bytes, after rewrite
     baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
+    packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
+    # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
+    graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rewritten(self) -> List[OpRecord]:
@@ -75,6 +78,7 @@ class CompileReport:
             "measurements": dict(self.measurements),
             "saved_tensors": dict(self.saved_tensors),
             "baseline_saved_tensors": dict(self.baseline_saved_tensors),
+            "packed_masks": list(self.packed_masks),
         }
         if graphs:
             d["graphs"] = {

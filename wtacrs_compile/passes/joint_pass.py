@@ -24,10 +24,11 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from ..config import OpSettings, WTACRSConfig
-from ..graph_utils import partition_saved
+from ..graph_utils import SavedSet, copy_graph, partition_saved
 from ..report import CompileReport, OpRecord
 from . import plan_memory
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
+from .pack_masks import pack_saved_masks
 from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
@@ -116,12 +117,27 @@ class WTACRSJointPass(CustomGraphPass):
             decisions, shared = {}, {}
             baseline = final = partition_saved(graph, self.static_input_indices)
 
+        if self.config.pack_masks:
+            final = self._pack_masks(graph, final)
+
         report.baseline_saved_bytes = baseline.activation_bytes
         report.baseline_saved_tensors = dict(baseline.activations)
         report.wtacrs_saved_bytes = final.activation_bytes
         report.saved_tensors = dict(final.activations)
         report.joint_graph_after = str(graph)
         report.ops = [self._record(site, settings[site.node], decisions, skipped, shared) for site in sites]
+
+    def _pack_masks(self, graph: fx.Graph, saved: SavedSet) -> SavedSet:
+        """Pack the boolean masks the partition saves; keep it only if the bytes drop."""
+        trial = copy_graph(graph)
+        if not pack_saved_masks(trial, saved.activations, self._trace_cache):
+            return saved
+        packed = partition_saved(trial, self.static_input_indices)
+        if packed.activation_bytes >= saved.activation_bytes:
+            return saved
+        self.report.packed_masks = pack_saved_masks(graph, saved.activations, self._trace_cache)
+        self.report.measurements["packed_masks"] = packed.activation_bytes
+        return packed
 
     def _apply(
         self, graph: fx.Graph, sites: List[MatmulSite], assign: Dict[str, str], settings: Dict[str, OpSettings]
