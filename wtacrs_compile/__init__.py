@@ -7,6 +7,7 @@
 from .backend import WTACRSBackend, backend, wtacrs
 from .config import MODES, Rule, WTACRSConfig
 from .report import CompileReport, OpRecord, clear_reports, recent_reports
+from .inspection import InspectReport, inspect
 
 __all__ = [
     "MODES",
