@@ -5,7 +5,8 @@
 """
 
 from .backend import WTACRSBackend, backend, wtacrs
-from .config import MODES, Rule, WTACRSConfig
+from .annotate import annotate, annotate_module, unannotate_module
+from .config import MODES, Rule, WTACRSConfig, WTACRSRuleWarning
 from .report import CompileReport, OpRecord, clear_reports, recent_reports
 from .inspection import InspectReport, inspect
 
@@ -16,9 +17,13 @@ __all__ = [
     "Rule",
     "WTACRSBackend",
     "WTACRSConfig",
+    "WTACRSRuleWarning",
+    "annotate",
+    "annotate_module",
     "backend",
     "clear_reports",
     "recent_reports",
+    "unannotate_module",
     "wtacrs",
 ]
 __version__ = "0.1.0"

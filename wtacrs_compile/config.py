@@ -7,8 +7,16 @@ that ``torch.compile(model, backend="wtacrs", options={...})`` passes through::
     WTACRSConfig(ratio=0.3, rules=(Rule(match="classifier", enabled=False),))
     WTACRSConfig.from_options({"ratio": 0.3, "rules": [{"match": "classifier", "enabled": False}]})
 
-Per-op settings come from :meth:`WTACRSConfig.resolve`: the global settings, then every rule
-that selects the op, in order, the last match winning field by field.
+Per-op settings come from :meth:`WTACRSConfig.resolve`, in this order, later ones overriding
+earlier ones field by field:
+
+1. the global settings (``ratio``, ``min_k``, ``mode``, ``deterministic``), every op enabled
+   except output heads and embeddings (``keep_heads_exact``);
+2. every rule that selects the op, in order (:class:`Rule`): the last match wins;
+3. the in-code annotation of the region the op was traced in
+   (:func:`wtacrs_compile.annotate`, :func:`wtacrs_compile.annotate_module`), innermost wins.
+
+``config.ops`` is a hard filter on top: no rule or annotation enables an op kind it leaves out.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 MODES = ("memory", "compute", "memory+compute", "all")
 """How a selected op may be sampled.
@@ -36,7 +45,14 @@ memory.
 
 OP_KINDS = ("linear", "bmm", "lora")
 
+SETTINGS = ("ratio", "min_k", "mode", "deterministic", "enabled")
+"""The per-op settings a rule or an annotation may give."""
+
 DeterministicT = Union[str, float]
+
+
+class WTACRSRuleWarning(UserWarning):
+    """A rule of the config selects no op of a compiled graph (a typo, most likely)."""
 
 
 def _fail(msg: str) -> None:
@@ -72,8 +88,30 @@ def _check_deterministic(value: Any, where: str) -> DeterministicT:
 
 def _check_mode(value: Any, where: str) -> str:
     if value not in MODES:
-        _fail(f"{where}mode must be one of {', '.join(map(repr, MODES))}; got {value!r}")
+        hint = _suggest(value, MODES) if isinstance(value, str) else ""
+        _fail(f"{where}mode must be one of {', '.join(map(repr, MODES))}; got {value!r}{hint}")
     return value
+
+
+def _check_enabled(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(f"{where}enabled must be true or false, got {value!r}")
+    return value
+
+
+def check_settings(values: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Validate (and normalise) per-op settings given by a rule or an annotation."""
+    for key in values:
+        if key not in SETTINGS:
+            _fail(f"{where}unknown setting {key!r}{_suggest(str(key), SETTINGS)}; valid: {', '.join(SETTINGS)}")
+    checks = {
+        "ratio": _check_ratio,
+        "min_k": _check_min_k,
+        "mode": _check_mode,
+        "deterministic": _check_deterministic,
+        "enabled": _check_enabled,
+    }
+    return {k: checks[k](v, where) for k, v in values.items() if v is not None}
 
 
 def _suggest(name: str, valid: Sequence[str]) -> str:
@@ -81,17 +119,57 @@ def _suggest(name: str, valid: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def module_scope(fqn: str) -> List[str]:
+    """The FQNs of an op's module and of every module enclosing it, innermost first
+    (``a.b.c`` -> ``a.b.c``, ``a.b``, ``a``; the root module's ops: ``[""]``)."""
+    parts = fqn.split(".") if fqn else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] or [""]
+
+
+def glob_matches(pattern: str, name: str) -> bool:
+    """``fnmatch`` on the whole dotted ``name`` or on any dotted suffix of it: ``layer.0.*``
+    matches ``bert.encoder.layer.0.output.dense`` (``*`` crosses dots), ``classifier`` matches
+    ``classifier`` and ``model.classifier`` but not ``pre_classifier``."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+_GLOB_CHARS = re.compile(r"[*?\[\]]")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Select ops and override their settings.
 
-    Selectors (all given ones must match; a rule with none matches every op):
-      * ``match``: module FQN glob (``encoder.layer.[0-5].*``) or regex with a ``re:`` prefix;
-      * ``module_type``: a module class, or its name (``"Linear"``, ``"nn.Linear"``,
-        ``"torch.nn.Linear"``); subclasses match;
-      * ``op``: one of ``linear``, ``bmm``, ``lora``.
-    Settings (``None`` keeps what earlier rules or the global config said): ``ratio``,
-    ``min_k``, ``mode``, ``deterministic``, ``enabled``.
+    A rule names modules and selects the ops traced inside them.  Selectors (every given one
+    must hold; a rule with none selects every op):
+
+    * ``match``: module FQN, as ``model.named_modules()`` of the compiled module names it (for
+      ``BertForSequenceClassification``: ``bert.encoder.layer.0.attention.output.dense``,
+      ``classifier``).  It holds when it matches the FQN of the op's module *or of any module
+      enclosing it*, so ``bert.encoder.layer.3`` selects every op of that layer.
+
+      - a glob (``fnmatch``: ``*``, ``?``, ``[0-5]``; ``*`` also crosses dots) matches the whole
+        FQN or any dotted suffix of it, so names may be written relative to any submodule:
+        ``classifier``, ``encoder.layer.[0-5].*`` and ``*.attention.output.*`` all select what
+        they read as in a ``BertForSequenceClassification`` (``[0-5]`` is one character: layer
+        ``10`` is not in it).  A suffix starts at a dot: ``classifier`` is not ``pre_classifier``.
+      - ``re:<regex>``: ``re.fullmatch`` against the whole FQN, no suffix relaxation (write
+        ``re:(.*\\.)?encoder\\.layer\\.([0-9]|1[01])\\..*`` for that).
+
+    * ``module_type``: holds when the op's module or a module enclosing it is an instance of
+      the class (subclasses included).  Given by name it matches the class or any base class
+      named ``"Linear"``, ``"nn.Linear"``, ``"torch.nn.Linear"`` or its full dotted name
+      (``"torch.nn.modules.linear.Linear"``, ``"transformers....BertSelfAttention"``).
+    * ``op``: ``"linear"`` selects every linear layer's weight gradient, LoRA adapters
+      included (a LoRA adapter is a linear layer); ``"lora"`` only the LoRA adapters' (modules
+      named ``lora_*`` or of a ``*Lora*`` type); ``"bmm"`` the attention batched matmuls.
+
+    Settings (``None`` keeps what the global config or earlier rules said): ``ratio``,
+    ``min_k``, ``mode``, ``deterministic``, ``enabled``.  Rules apply in order and each
+    matching rule overrides only the settings it gives: last match wins, field by field.
+    ``enabled=True`` re-enables an op the defaults keep exact (output heads, embeddings); it
+    does not add op kinds that ``config.ops`` leaves out.  A rule must set at least one setting.
+    In-code annotations (:func:`wtacrs_compile.annotate`) apply after all rules.
     """
 
     match: Optional[str] = None
@@ -106,27 +184,25 @@ class Rule:
     def __post_init__(self) -> None:
         where = f"rule {self.describe()}: "
         if self.match is not None:
-            if not isinstance(self.match, str) or not self.match:
-                _fail(f"{where}match must be a non-empty FQN glob or 're:<regex>' string")
+            if not isinstance(self.match, str) or not self.match.strip():
+                _fail(f"{where}match must be a non-empty FQN glob or 're:<regex>' string, got {self.match!r}")
             if self.match.startswith("re:"):
                 try:
                     re.compile(self.match[3:])
                 except re.error as e:
                     _fail(f"{where}invalid regex {self.match[3:]!r}: {e}")
-        if self.module_type is not None and not isinstance(self.module_type, (str, type)):
+        if self.module_type is not None and not (
+            isinstance(self.module_type, type) or (isinstance(self.module_type, str) and self.module_type.strip())
+        ):
             _fail(f"{where}module_type must be a class or a class name, got {self.module_type!r}")
         if self.op is not None and self.op not in OP_KINDS:
-            _fail(f"{where}op must be one of {', '.join(map(repr, OP_KINDS))}; got {self.op!r}")
-        if self.ratio is not None:
-            object.__setattr__(self, "ratio", _check_ratio(self.ratio, where))
-        if self.min_k is not None:
-            _check_min_k(self.min_k, where)
-        if self.mode is not None:
-            _check_mode(self.mode, where)
-        if self.deterministic is not None:
-            object.__setattr__(self, "deterministic", _check_deterministic(self.deterministic, where))
-        if self.enabled is not None and not isinstance(self.enabled, bool):
-            _fail(f"{where}enabled must be true or false, got {self.enabled!r}")
+            hint = _suggest(self.op, OP_KINDS) if isinstance(self.op, str) else ""
+            _fail(f"{where}op must be one of {', '.join(map(repr, OP_KINDS))}; got {self.op!r}{hint}")
+        given = {name: getattr(self, name) for name in SETTINGS}
+        for name, value in check_settings(given, where).items():
+            object.__setattr__(self, name, value)
+        if all(v is None for v in given.values()):
+            _fail(f"{where}sets nothing: give at least one of {', '.join(SETTINGS)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Rule":
@@ -135,31 +211,37 @@ class Rule:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in valid:
-                _fail(f"unknown rule key {key!r}{_suggest(key, valid)}; valid keys: {', '.join(valid)}")
+                _fail(f"unknown rule key {key!r}{_suggest(str(key), valid)}; valid keys: {', '.join(valid)}")
         return cls(**dict(data))
 
     def describe(self) -> str:
         parts = [
-            f"{k}={v.__name__ if isinstance(v, type) else v!r}"
-            for k, v in dataclasses.asdict(self).items()
+            f"{f.name}={_type_label(v) if isinstance(v, type) else repr(v)}"
+            for f in dataclasses.fields(self)
+            for v in (getattr(self, f.name),)
             if v is not None
         ]
         return "Rule(" + ", ".join(parts) + ")"
 
+    # --- selectors, one by one (the unmatched-rule warning says which one fails) ---
+
+    def matches_fqn(self, fqn: str) -> bool:
+        if self.match is None:
+            return True
+        if self.match.startswith("re:"):
+            return any(re.fullmatch(self.match[3:], name) for name in module_scope(fqn))
+        return any(glob_matches(self.match, name) for name in module_scope(fqn))
+
+    def matches_type(self, module_types: Sequence[type]) -> bool:
+        return self.module_type is None or any(_type_matches(self.module_type, t) for t in module_types)
+
+    def matches_op(self, op: str) -> bool:
+        return self.op is None or self.op == op or (self.op == "linear" and op == "lora")
+
     def matches(self, fqn: str, module_types: Sequence[type], op: str) -> bool:
-        if self.op is not None and self.op != op and not (self.op == "linear" and op == "lora"):
-            return False
-        if self.match is not None:
-            if self.match.startswith("re:"):
-                if re.fullmatch(self.match[3:], fqn) is None:
-                    return False
-            elif not fnmatch.fnmatchcase(fqn, self.match):
-                return False
-        if self.module_type is not None and not any(
-            _type_matches(self.module_type, t) for t in module_types
-        ):
-            return False
-        return True
+        """Whether the rule selects an op of kind ``op`` in module ``fqn``; ``module_types``
+        are the types of the op's module and of the modules enclosing it (any order)."""
+        return self.matches_op(op) and self.matches_fqn(fqn) and self.matches_type(module_types)
 
     def has_selector(self) -> bool:
         return any(v is not None for v in (self.match, self.module_type, self.op))
@@ -171,24 +253,45 @@ class Rule:
         return d
 
 
+def _type_label(t: type) -> str:
+    return t.__name__
+
+
+def _type_names(cls: type) -> set:
+    names = {cls.__name__, cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}"}
+    if cls.__module__.startswith("torch.nn"):
+        names |= {f"nn.{cls.__name__}", f"torch.nn.{cls.__name__}"}
+    return names
+
+
 def _type_matches(selector: Union[str, type], module_type: type) -> bool:
     mro = getattr(module_type, "__mro__", (module_type,))
     if isinstance(selector, type):
         return selector in mro
-    for cls in mro:
-        names = {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
-        if cls.__module__.startswith("torch.nn"):
-            names |= {f"nn.{cls.__name__}", f"torch.nn.{cls.__name__}"}
-        if selector in names:
-            return True
-    return False
+    return any(selector in _type_names(cls) for cls in mro)
 
 
-DEFAULT_EXACT_MODULES = ("classifier", "*.classifier", "lm_head", "*.lm_head", "head", "*.head",
-                         "score", "*.score", "qa_outputs", "*.qa_outputs")
-"""Output heads stay exact unless a rule enables them: their gradient is the one the task
-signal enters through, and their input is small.  Embeddings need no rule: an embedding's
-backward has no matmul to sample."""
+DEFAULT_EXACT_HEADS = ("classifier", "pre_classifier", "lm_head", "cls", "head", "score", "qa_outputs")
+"""Output heads stay exact unless a rule or an annotation enables them: their gradient is the
+one the task signal enters through, and their input is small (one row per example for a
+pooled classifier).  Names are matched like a rule's ``match`` (any enclosing module)."""
+
+DEFAULT_EXACT_EMBEDDINGS = ("*embed*",)
+"""Embeddings stay exact too.  ``nn.Embedding``'s backward has no matmul to sample; this also
+keeps linear layers inside embedding modules (patch or token projections, ELECTRA's
+``embeddings_project``) exact."""
+
+DEFAULT_EXACT_MODULES = DEFAULT_EXACT_HEADS + DEFAULT_EXACT_EMBEDDINGS
+
+
+def default_exact_reason(fqn: str) -> str:
+    """Why ``keep_heads_exact`` keeps an op of module ``fqn`` exact; empty if it does not."""
+    scope = module_scope(fqn)
+    if any(glob_matches(p, name) for p in DEFAULT_EXACT_HEADS for name in scope):
+        return "output head: exact by default (keep_heads_exact=True)"
+    if any(glob_matches(p, name) for p in DEFAULT_EXACT_EMBEDDINGS for name in scope):
+        return "embedding: exact by default (keep_heads_exact=True)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -202,6 +305,7 @@ class OpSettings:
     deterministic: DeterministicT
     rules: tuple  # indices into WTACRSConfig.rules of the rules that matched, in order
     reason: str = ""  # why disabled, when it is
+    annotation: tuple = ()  # (setting, value) pairs of the in-code annotation that applied
 
     def k_for(self, n: int) -> int:
         """``k = min(N, max(ceil(ratio * N), min_k))``."""
@@ -219,8 +323,8 @@ class WTACRSConfig:
         fixed fraction of k in [0, 1), or 0 for plain column-row sampling.
     mode: see :data:`MODES`.
     rules: per-op overrides, see :class:`Rule`; applied in order, last match wins.
-    keep_heads_exact: ops of modules named like an output head (:data:`DEFAULT_EXACT_MODULES`)
-        stay exact unless a rule enables them.
+    keep_heads_exact: ops of output heads (:data:`DEFAULT_EXACT_HEADS`) and embeddings
+        (:data:`DEFAULT_EXACT_EMBEDDINGS`) stay exact unless a rule or annotation enables them.
     ops: which op kinds the backend matches at all.
     pack_masks: store the boolean masks saved for backward (ReLU, dropout) as packed bits;
         lossless, 8x smaller.
@@ -243,9 +347,13 @@ class WTACRSConfig:
         rules = self.rules
         if isinstance(rules, (Rule, Mapping)) or not isinstance(rules, (list, tuple)):
             _fail(f"rules must be a list of rules, got {rules!r}")
-        object.__setattr__(
-            self, "rules", tuple(r if isinstance(r, Rule) else Rule.from_dict(r) for r in rules)
-        )
+        parsed = []
+        for i, r in enumerate(rules):
+            try:
+                parsed.append(r if isinstance(r, Rule) else Rule.from_dict(r))
+            except ValueError as e:  # say which rule of the list
+                raise ValueError(str(e).replace("wtacrs config: ", f"wtacrs config: rules[{i}]: ", 1)) from None
+        object.__setattr__(self, "rules", tuple(parsed))
         for flag in ("keep_heads_exact", "pack_masks"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -286,21 +394,27 @@ class WTACRSConfig:
         """A stable hash of every setting: part of the pass's ``uuid()``."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
-    def resolve(self, fqn: str, module_types: Sequence[type], op: str) -> OpSettings:
-        settings = {
-            "enabled": True,
+    def resolve(
+        self,
+        fqn: str,
+        module_types: Sequence[type],
+        op: str,
+        annotation: Optional[Mapping[str, Any]] = None,
+    ) -> OpSettings:
+        """The settings of an op of kind ``op`` in module ``fqn``.
+
+        ``module_types``: the types of the op's module and of the modules enclosing it.
+        ``annotation``: settings from :func:`wtacrs_compile.annotate` on the op's region
+        (``{"ratio": 0.5}``); they apply after the rules.
+        """
+        settings: Dict[str, Any] = {
             "ratio": self.ratio,
             "min_k": self.min_k,
             "mode": self.mode,
             "deterministic": self.deterministic,
         }
-        reason = ""
-        if op not in self.ops and not (op == "lora" and "linear" in self.ops):
-            settings["enabled"] = False
-            reason = f"op kind {op!r} not in config.ops"
-        elif self.keep_heads_exact and any(fnmatch.fnmatchcase(fqn, p) for p in DEFAULT_EXACT_MODULES):
-            settings["enabled"] = False
-            reason = "output head: exact by default (keep_heads_exact=True)"
+        enabled: Optional[bool] = None  # None: nobody said; the defaults decide
+        enabled_by = ""
         matched = []
         for i, rule in enumerate(self.rules):
             if not rule.matches(fqn, module_types, op):
@@ -310,10 +424,132 @@ class WTACRSConfig:
                 value = getattr(rule, name)
                 if value is not None:
                     settings[name] = value
-            if rule.enabled is False:
-                reason = f"disabled by rule {i}: {rule.describe()}"
-            elif rule.enabled is True:
-                reason = ""
-        if settings["enabled"]:
-            reason = ""
-        return OpSettings(rules=tuple(matched), reason=reason, **settings)
+            if rule.enabled is not None:
+                enabled, enabled_by = rule.enabled, f"rule {i}: {rule.describe()}"
+        annotated = check_settings(dict(annotation or {}), "annotation: ")
+        for name, value in annotated.items():
+            if name == "enabled":
+                enabled, enabled_by = value, f"annotation {_describe_annotation(annotated)}"
+            else:
+                settings[name] = value
+
+        reason = ""
+        if op not in self.ops and not (op == "lora" and "linear" in self.ops):
+            enabled, reason = False, f"op kind {op!r} not in config.ops {list(self.ops)}"
+        elif enabled is None:
+            reason = default_exact_reason(fqn) if self.keep_heads_exact else ""
+            enabled = not reason
+        elif not enabled:
+            reason = f"disabled by {enabled_by}"
+        return OpSettings(
+            enabled=enabled,
+            rules=tuple(matched),
+            reason=reason,
+            annotation=tuple(sorted(annotated.items())),
+            **settings,
+        )
+
+
+def _describe_annotation(values: Mapping[str, Any]) -> str:
+    return "annotate(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
+
+
+# --------------------------------------------------------------------------------------
+# Rules that select nothing: warn once, with the closest names.
+
+_RULES_SEEN: Dict[str, set] = {}  # config fingerprint -> indices of rules matched or warned about
+
+
+def reset_rule_warnings() -> None:
+    """Forget which rules were warned about (each unmatched rule warns once per process)."""
+    _RULES_SEEN.clear()
+
+
+OpScope = Tuple[str, Sequence[type], str]  # (module FQN, types of the module and its parents, op kind)
+
+
+def warn_unmatched_rules(config: WTACRSConfig, ops: Sequence[OpScope], matched: Iterable[int]) -> List[int]:
+    """Warn (:class:`WTACRSRuleWarning`) about each rule of ``config`` that selects none of
+    ``ops`` (the matched ops of one compiled graph; ``matched``: the rules that selected one).
+
+    A rule warns at most once per process and config, and not after it matched an op of an
+    earlier graph compiled with the same config (graph breaks split a model into several
+    graphs).  A graph without matched ops (an inference or graph-break fragment) warns nothing.
+    Returns the indices of the rules warned about now.
+    """
+    if not config.rules or not ops:
+        return []
+    if len(_RULES_SEEN) > 1024:
+        _RULES_SEEN.clear()
+    seen = _RULES_SEEN.setdefault(config.fingerprint(), set())
+    seen.update(matched)
+    warned = []
+    for i, rule in enumerate(config.rules):
+        if i in seen:
+            continue
+        seen.add(i)
+        warned.append(i)
+        warnings.warn(WTACRSRuleWarning(unmatched_rule_message(i, rule, ops)), stacklevel=2)
+    return warned
+
+
+def unmatched_rule_message(index: int, rule: Rule, ops: Sequence[OpScope]) -> str:
+    """Why ``rule`` selects none of ``ops``, with the closest names the graph has."""
+    msg = f"wtacrs: rule {index} {rule.describe()} matches no op of the compiled graph ({len(ops)} ops)"
+    hints = []
+    by_fqn = [o for o in ops if rule.matches_fqn(o[0])]
+    by_type = [o for o in ops if rule.matches_type(o[1])]
+    by_op = [o for o in ops if rule.matches_op(o[2])]
+    if not by_fqn:
+        fix = _fixed_pattern(rule.match, ops)
+        if fix:
+            hints.append(f"did you mean match={fix!r}?")
+        names = sorted({n for o in ops for n in module_scope(o[0]) if n})
+        close = _closest(rule.match[3:] if rule.match.startswith("re:") else rule.match, names)
+        hints.append("closest module names: " + ", ".join(close))
+    if not by_type:
+        types = sorted({t.__name__ for o in ops for t in o[1]} - {"Module", "object"})
+        selector = rule.module_type if isinstance(rule.module_type, str) else rule.module_type.__name__
+        close = difflib.get_close_matches(selector.rsplit(".", 1)[-1], types, n=3, cutoff=0.0)
+        hints.append(f"module_type {selector!r} is not in the graph; closest types: " + ", ".join(close))
+    if not by_op:
+        hints.append(f"op {rule.op!r}: the graph has only {sorted({o[2] for o in ops})}")
+    if not hints:
+        hints.append("each selector matches some op, but no op matches all of them")
+    return msg + "; " + "; ".join(hints)
+
+
+def _fixed_pattern(pattern: str, ops: Sequence[OpScope]) -> Optional[str]:
+    """The glob with each literal component that no module has replaced by the closest one,
+    if that selects an op (``encoder.layers.[0-5].*`` -> ``encoder.layer.[0-5].*``)."""
+    if pattern.startswith("re:"):
+        return None
+    known = sorted({c for o in ops for c in o[0].split(".") if c})
+    parts = pattern.split(".")
+    fixed = []
+    for part in parts:
+        if part in known or _GLOB_CHARS.search(part):
+            fixed.append(part)
+            continue
+        close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+        fixed.append(close[0] if close else part)
+    candidate = ".".join(fixed)
+    if candidate == pattern:
+        return None
+    if any(glob_matches(candidate, n) for o in ops for n in module_scope(o[0])):
+        return candidate
+    return None
+
+
+def _closest(pattern: str, names: Sequence[str], n: int = 3) -> List[str]:
+    """The ``n`` names most like ``pattern``, comparing it with every dotted suffix of each."""
+
+    def score(name: str) -> float:
+        parts = name.split(".")
+        return max(
+            difflib.SequenceMatcher(None, pattern, ".".join(parts[i:])).ratio() for i in range(len(parts))
+        )
+
+    scored = sorted(((score(name), name) for name in names), key=lambda t: (-t[0], len(t[1]), t[1]))
+    close = [name for s, name in scored[:n] if s >= 0.6]
+    return close or [name for _, name in scored[:1]]

@@ -96,6 +96,9 @@ _ROOT = re.compile(r"^L\['(?:self|fn|mod|model|module|m)'\]\.?")
 
 def normalize_fqn(path: str) -> str:
     """Dynamo's module path (``L['self'].encoder.layer[0]``) to a module FQN (``encoder.layer.0``)."""
+    # A forward replaced by a method bound to its module (wtacrs_compile.annotate_module, or
+    # hooks that wrap forward) reaches submodules through ``.forward.__self__``.
+    path = re.sub(r"\.forward\.__self__(?=[.\[]|$)", "", path)
     path = _ROOT.sub("", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)

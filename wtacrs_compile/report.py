@@ -29,6 +29,7 @@ class OpRecord:
     saved_bytes_after: int  # what it reads after the rewrite (sampled rows + indices + weights)
     measured_saving: Optional[int] = None  # planner's measurement for this op's class, per op
     rules: List[int] = field(default_factory=list)  # indices of the config rules that matched
+    annotation: Dict[str, Any] = field(default_factory=dict)  # wtacrs_compile.annotate settings (applied after rules)
     shared_draw_with: Optional[str] = None  # sibling op whose forward draw this op reuses
 
     def to_dict(self) -> Dict[str, Any]:

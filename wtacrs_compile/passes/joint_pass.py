@@ -23,7 +23,8 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from ..config import OpSettings, WTACRSConfig
+from ..annotate import site_context
+from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..graph_utils import SavedSet, copy_graph, partition_saved
 from ..report import CompileReport, OpRecord
 from . import plan_memory
@@ -80,8 +81,12 @@ class WTACRSJointPass(CustomGraphPass):
         settings: Dict[str, OpSettings] = {}
         candidates: List[MatmulSite] = []
         skipped: Dict[str, str] = {}
+        # Rules see the types of the op's module and of its parents; annotations come from
+        # torch.fx.traceback.annotate metadata (wtacrs_compile.annotate).
+        context = site_context(graph, sites)
         for site in sites:
-            s = self.config.resolve(site.fqn, site.module_types, site.kind)
+            types, annotation = context[site.node]
+            s = self.config.resolve(site.fqn, types, site.kind, annotation)
             settings[site.node] = s
             k = s.k_for(site.n) if site.n > 0 else -1
             if not s.enabled:
@@ -94,6 +99,12 @@ class WTACRSJointPass(CustomGraphPass):
                 skipped[site.node] = f"k = {k} >= N = {site.n}: nothing to sample"
             else:
                 candidates.append(site)
+
+        warn_unmatched_rules(
+            self.config,
+            [(site.fqn, context[site.node][0], site.kind) for site in sites],
+            {i for s in settings.values() for i in s.rules},
+        )
 
         by_name = {s.node: s for s in sites}
 
@@ -191,5 +202,6 @@ class WTACRSJointPass(CustomGraphPass):
             saved_bytes_after=after,
             measured_saving=measured,
             rules=list(s.rules),
+            annotation=dict(s.annotation),
             shared_draw_with=shared.get(site.node),
         )
