@@ -21,10 +21,10 @@ h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 22px 0 8p
 .cards { display: flex; gap: 12px; margin: 14px 0; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 180px; }
 .card .v { font-size: 20px; font-weight: 600; } .card .l { color: #666; font-size: 12px; }
-table { border-collapse: collapse; width: 100%; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { border-bottom: 1px solid #e4e4e4; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f5f5f7; position: sticky; top: 0; } td.n { text-align: right; white-space: nowrap; }
-td.reason { color: #444; font-size: 12px; line-height: 1.3; }
+td.reason { color: #444; font-size: 12px; line-height: 1.3; overflow-wrap: anywhere; }
 .d { border-radius: 4px; padding: 1px 6px; font-weight: 600; font-size: 12px; }
 .d-memory { background: #d8f5dd; color: #11602a; } .d-compute { background: #dde8ff; color: #1f3f8f; }
 .d-exact { background: #eee; color: #555; }
