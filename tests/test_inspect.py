@@ -24,7 +24,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import types
 
 import pytest
@@ -233,6 +232,10 @@ def test_inspect_rejects_bad_arguments():
         wtacrs_compile.inspect(model, list(inputs))
     with pytest.raises(TypeError, match="nn.Module"):
         wtacrs_compile.inspect(lambda x: x, inputs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(inspection_module.InspectError, match="no backward pass to inspect"):
+        wtacrs_compile.inspect(model, inputs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -336,6 +339,20 @@ def test_cli_bad_input_is_one_clear_line(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_factory_from_a_file_and_a_model_without_backward(tmp_path, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def frozen():\n"
+        "    m = torch.nn.Linear(8, 8).requires_grad_(False)\n"
+        "    return m, (torch.randn(4, 8),)\n"
+    )
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([f"{tmp_path / 'my_models.py'}:frozen"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "my_models.py:frozen: the model's output has no `.loss`" in err and "Traceback" not in err
 
 
 def test_console_script_is_installed():

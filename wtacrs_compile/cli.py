@@ -59,9 +59,11 @@ def _import(module_name: str, spec: str):
         path = pathlib.Path(module_name)
         if not path.is_file():
             raise UsageError(f"{spec}: no such file {str(path)!r}")
-        import_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # Registered (dataclasses and pickling look modules up), never over an existing module.
+        name = path.stem if path.stem not in sys.modules else f"{path.stem}__wtacrs_inspect"
+        import_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(import_spec)
-        sys.modules[path.stem] = module
+        sys.modules[name] = module
         import_spec.loader.exec_module(module)
         return module
     # As `python -m` does: modules of the working directory are importable.
@@ -80,7 +82,12 @@ def build(spec: str) -> Tuple[str, Any, Any]:
     import torch
 
     label, factory = resolve_factory(spec)
-    result = factory()
+    try:
+        result = factory()
+    except ImportError as e:
+        if spec in EXAMPLES:  # a bundled example's optional dependency: say which to install
+            raise UsageError(str(e)) from None
+        raise
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise UsageError(
             f"{label}: the factory must return a (model, example_inputs) pair, "
@@ -157,19 +164,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("give a model: a bundled example or module:factory (see --list)")
     from .config import WTACRSConfig
 
+    # Bad settings (the config's own message), a bad module:factory, a missing optional
+    # dependency of an example: one line.  What the user's own code raises keeps its traceback.
     try:
         config = WTACRSConfig.from_options(_options(args))
+    except (UsageError, ValueError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    try:
         label, model, inputs = build(args.model)
-    except (UsageError, ValueError, ImportError) as e:
-        # Bad settings (the config's own message), a bad module:factory, a missing optional
-        # dependency: one line.  Anything the user's factory raises otherwise keeps its traceback.
-        if isinstance(e, ValueError) and not str(e).startswith("wtacrs config"):
-            raise
+    except UsageError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
-    from .inspection import inspect
+    from .inspection import InspectError, inspect
 
-    report = inspect(model, inputs, config=config, name=label)
+    try:
+        report = inspect(model, inputs, config=config, name=label)
+    except InspectError as e:
+        p.exit(2, f"{p.prog}: error: {label}: {str(e).removeprefix('inspect: ')}\n")
     color = args.color == "always" or (
         args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     )

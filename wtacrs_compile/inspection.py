@@ -41,6 +41,10 @@ GRAPH_KINDS = ("forward", "backward", "joint")
 _NUM_USERS = re.compile(r"(?: :)? \[num_users=\d+\]")
 
 
+class InspectError(RuntimeError):
+    """The model cannot be inspected as given (no backward pass, graphs that do not pair up)."""
+
+
 @dataclass
 class SavedTensor:
     """One tensor the forward graph saves for backward (a backward-graph input)."""
@@ -295,7 +299,7 @@ def inspect(
         _step(torch.compile(model, backend=backend), args, kwargs)
 
     if len(baseline_graphs) != len(backend.reports):
-        raise RuntimeError(
+        raise InspectError(
             f"inspect: plain Inductor compiled {len(baseline_graphs)} graph(s) but wtacrs "
             f"{len(backend.reports)}: the two compiles split the model differently"
         )
@@ -334,14 +338,14 @@ def _step(compiled: Any, args: tuple, kwargs: dict) -> str:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
         ]
         if not leaves:
-            raise RuntimeError(
+            raise InspectError(
                 "inspect: the model's output has no `.loss` and no floating-point tensor that "
                 "requires grad: there is no backward pass to inspect (no_grad? frozen parameters?)"
             )
         loss = sum(t.sum() for t in leaves)
         objective = "sum"
     if not loss.requires_grad:
-        raise RuntimeError("inspect: the output's `.loss` does not require grad: no backward pass to inspect")
+        raise InspectError("inspect: the output's `.loss` does not require grad: no backward pass to inspect")
     loss.backward()
     return objective
 
