@@ -4,6 +4,7 @@ into a joint graph, and running the partitioner on a copy of a joint graph."""
 from __future__ import annotations
 
 import copy
+import operator
 import functools
 import re
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ VIEW_OPS = {
     aten.squeeze.dim,
     aten.unsqueeze.default,
     aten.alias.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.as_strided.default,
+    aten.diagonal.default,
+    aten.unfold.default,
 }
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
+"""Ops whose output aliases their first input: a saved view of a graph input costs nothing."""
 
 
 def is_call(node: Any, *targets: Any) -> bool:
@@ -77,9 +85,14 @@ def forward_required(graph: fx.Graph) -> set:
 
 
 def strip_views(node: fx.Node) -> fx.Node:
-    while is_call(node, *VIEW_OPS):
-        node = node.args[0]
-    return node
+    """The tensor ``node`` aliases, through view ops and the outputs of splits."""
+    while True:
+        if is_call(node, *VIEW_OPS):
+            node = node.args[0]
+        elif is_call(node, operator.getitem) and is_call(node.args[0], *_SPLITS):
+            node = node.args[0].args[0]
+        else:
+            return node
 
 
 def transposed_source(node: fx.Node) -> Optional[fx.Node]:

@@ -50,7 +50,7 @@ class MatmulSite:
     x_shape: Tuple[int, ...]
     g_shape: Tuple[int, ...]
     dtype: torch.dtype
-    x_key: str  # the activation X reads (views stripped): sites with one key share a draw
+    x_key: str  # the N x D node X is read from: sites with one key share a draw
     x_producer: str  # what computes X ("input" for a graph input): part of the planner's class
     skip_reason: str = ""  # non-empty: matched but cannot be rewritten safely
 
@@ -135,7 +135,9 @@ def find_weight_grad_matmuls(graph: fx.Graph, params: Set[str]) -> List[MatmulSi
                 x_shape=tuple(x_shape),
                 g_shape=g_shape,
                 dtype=x_val.dtype,
-                x_key=f"{x_root.name}:{tuple(x_shape)}",
+                # The exact N x D node, not its root: two views of one tensor with equal shapes
+                # (a fused QKV split, a transposed reshape) hold different rows.
+                x_key=x_node.name,
                 x_producer=producer,
                 skip_reason=reason,
             )
