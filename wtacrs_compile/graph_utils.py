@@ -84,6 +84,22 @@ def forward_required(graph: fx.Graph) -> set:
     return seen
 
 
+def view_key(node: fx.Node) -> str:
+    """A key equal for two nodes exactly when they are the same view of the same tensor:
+    the root plus every view op and its arguments on the way (CSE does not always merge
+    identical views in a joint graph)."""
+    chain = []
+    while is_call(node, *VIEW_OPS) or (is_call(node, operator.getitem) and is_call(node.args[0], *_SPLITS)):
+        src = node.args[0]
+        if node.target is operator.getitem:
+            chain.append((str(src.target), repr(src.args[1:]), repr(src.kwargs), node.args[1]))
+            node = src.args[0]
+        else:
+            chain.append((str(node.target), repr(node.args[1:]), repr(node.kwargs)))
+            node = src
+    return f"{node.name}|{chain!r}"
+
+
 def strip_views(node: fx.Node) -> fx.Node:
     """The tensor ``node`` aliases, through view ops and the outputs of splits."""
     while True:

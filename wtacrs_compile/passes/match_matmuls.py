@@ -30,6 +30,7 @@ from ..graph_utils import (
     innermost_module,
     is_call,
     strip_views,
+    view_key,
     tangent_dependent,
     transposed_source,
     val,
@@ -53,10 +54,12 @@ class MatmulSite:
     x_key: str  # the N x D node X is read from: sites with one key share a draw
     x_producer: str  # what computes X ("input" for a graph input): part of the planner's class
     skip_reason: str = ""  # non-empty: matched but cannot be rewritten safely
+    # bmm sites: independent (n x d) products, one draw each; x_shape stays the per-entry (n, d)
+    batch: int = 1
 
     @property
     def x_bytes(self) -> int:
-        return self.n * self.d * _elem(self.dtype)
+        return self.batch * self.n * self.d * _elem(self.dtype)
 
 
 def _elem(dtype: torch.dtype) -> int:
@@ -135,9 +138,10 @@ def find_weight_grad_matmuls(graph: fx.Graph, params: Set[str]) -> List[MatmulSi
                 x_shape=tuple(x_shape),
                 g_shape=g_shape,
                 dtype=x_val.dtype,
-                # The exact N x D node, not its root: two views of one tensor with equal shapes
-                # (a fused QKV split, a transposed reshape) hold different rows.
-                x_key=x_node.name,
+                # The same view of the same tensor, not just the same root: two views of one
+                # tensor with equal shapes (a fused QKV split, a transposed reshape) hold
+                # different rows.
+                x_key=view_key(x_node),
                 x_producer=producer,
                 skip_reason=reason,
             )
