@@ -28,8 +28,10 @@ from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..graph_utils import SavedSet, copy_graph, partition_saved
 from ..report import CompileReport, OpRecord
 from . import plan_memory
+from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
+from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_backward_sample, rewrite_bmm_with_forward_sample
 from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
@@ -78,6 +80,8 @@ class WTACRSJointPass(CustomGraphPass):
         self._trace_cache: dict = {}
         report.joint_graph_before = str(graph)
         sites = find_weight_grad_matmuls(graph, self.params)
+        if "bmm" in self.config.ops:  # attention products; fused SDPA comes back as exact sites
+            sites += find_bmm_sites(graph, self.params)
         settings: Dict[str, OpSettings] = {}
         candidates: List[MatmulSite] = []
         skipped: Dict[str, str] = {}
@@ -162,15 +166,19 @@ class WTACRSJointPass(CustomGraphPass):
             s = settings[site.node]
             k = s.k_for(site.n)
             node = nodes[site.node]
+            bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
                 key = (site.x_key, k, s.deterministic)
                 if key not in draws:
-                    draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache), site.node)
+                    draw = draw_bmm_forward_sample if bmm else draw_forward_sample
+                    draws[key] = (draw(graph, node, site, k, s.deterministic, cache), site.node)
                 else:
                     shared[site.node] = draws[key][1]
-                rewrite_with_forward_sample(graph, node, site, draws[key][0], cache)
+                rewrite = rewrite_bmm_with_forward_sample if bmm else rewrite_with_forward_sample
+                rewrite(graph, node, site, draws[key][0], cache)
             else:
-                rewrite_with_backward_sample(graph, node, site, k, s.deterministic, cache)
+                rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
+                rewrite(graph, node, site, k, s.deterministic, cache)
         graph.eliminate_dead_code()
         return shared
 

@@ -1,0 +1,166 @@
+"""Rewrite a matched backward bmm to the WTA-CRS estimator, one draw per batch entry.
+
+A site (see :mod:`.match_bmm`) is ``b`` independent products contracted over ``n``; each
+batch entry (in attention: each (batch, head)) gets its own ``k`` of the ``n`` rows.  Rows are
+gathered with ``torch.gather`` on a ``(b, k)`` index, so every shape stays static.
+
+Forward sampling (``memory``), for ``dQ = bmm(dS, permute(%kt3, [0, 2, 1]))`` (``X = K``)::
+
+    before                                     after
+    %kt3   = view(..., [BH, D, S])             %kt3   = view(..., [BH, D, S])
+                                               %kr    = permute(%kt3, [0, 2, 1])      # rows of X
+                                               %idx, %w = wtacrs_sample(||%kr||, k)   # (BH, k)
+                                               %ks    = gather(%kr, 1, %idx)          # (BH, k, D)
+    %bmm_5 = bmm(%gs3, permute(%kt3, ...))     %gk    = gather(permute(%gs3), 1, %idx) * %w
+                                               %bmm_5'= bmm(permute(%gk), %ks)
+
+``%idx``, ``%w`` and ``%ks`` depend only on forward values; the draw's ``aten.rand_like`` is
+tagged ``MUST_RECOMPUTE``, so if the partitioner recomputes the draw in backward it replays
+the noise under the RNG state saved in forward (``functionalize_rng_ops``) instead of
+drawing other indices than the forward pass saved rows for.  Probabilities: ``||x_i||`` of
+the forward operand alone (``g`` is not known yet).  Whether the full ``X`` then leaves the
+saved set is the partitioner's call; the planner measures it.  For the softmax output ``P``
+(``X`` of ``dV = bmm(P^T, dC)``) it usually does not: softmax's backward needs ``P`` itself.
+
+Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: nothing is
+saved, the bmm's FLOPs drop to ``k/n``.
+
+Rows of ``X`` are kept unscaled; the importance weights scale the rows of ``G`` in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from ..estimator import row_norms, wtacrs_sample
+from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, val
+from .match_bmm import operand_rows
+from .match_matmuls import MatmulSite
+
+
+@dataclass
+class BmmForwardSample:
+    """The saved sample of one operand's rows, shared by every site that reads them."""
+
+    idx: fx.Node  # (b, k) int64
+    weight: fx.Node  # (b, k) float32
+    rows: fx.Node  # (b, k, d): the sampled rows of X, unscaled
+    k: int
+
+
+def _operands(node: fx.Node, site: MatmulSite) -> Tuple[fx.Node, bool, fx.Node, bool]:
+    """``(x, x_t, g, g_t)``: the nodes the rows of X and G are read from, and whether each
+    must be transposed to give rows along the contracted dim."""
+    a, b = node.args[0], node.args[1]
+    x_first = site.x_side == "a"
+    x, x_t = operand_rows(a if x_first else b, first=x_first)
+    g, g_t = operand_rows(b if x_first else a, first=not x_first)
+    return x, x_t, g, g_t
+
+
+def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.transpose(1, 2) if transposed else t
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, idx[b, j], :]`` as a ``(b, k, d)`` tensor: one gather, static shapes."""
+    return torch.gather(t, 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _weighted(g_rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (gather_rows(g_rows, idx).float() * w.unsqueeze(-1)).to(g_rows.dtype)
+
+
+def _product(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
+    """The site's bmm on k sampled rows: ``bmm(X^T, G)`` or ``bmm(G^T, X)``."""
+    if x_side == "a":
+        return torch.bmm(xs.transpose(1, 2), gs)
+    return torch.bmm(gs.transpose(1, 2), xs)
+
+
+def _tag_replayed_noise(inserted: set) -> None:
+    for n in inserted:
+        if is_call(n, aten.rand_like.default):
+            # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
+            # re-runs this op under the RNG state saved in forward.
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _after(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """The node to insert before so that the insertion follows ``node`` and the placeholders."""
+    anchor = node.next
+    while anchor.op == "placeholder":
+        anchor = anchor.next
+    return anchor
+
+
+def _backward_meta(node: fx.Node) -> Dict:
+    return {key: node.meta[key] for key in ("seq_nr", "fwd_nn_module_stack", "stack_trace") if key in node.meta}
+
+
+def _replace(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
+    old, ours = val(node), val(new)
+    if tuple(old.shape) != tuple(ours.shape) or old.dtype != ours.dtype:
+        raise AssertionError(
+            f"wtacrs: estimate of {node.name} has shape {tuple(ours.shape)} {ours.dtype}, "
+            f"expected {tuple(old.shape)} {old.dtype}"
+        )
+    new.meta["wtacrs"] = "estimate"
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def draw_bmm_forward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+) -> BmmForwardSample:
+    """Insert the forward draw of ``site``'s X rows, ``p_i ∝ ||x_i||`` per batch entry."""
+    x, x_t, _, _ = _operands(node, site)
+
+    def sample(x_in):
+        rows = _rows(x_in, x_t)
+        idx, w = wtacrs_sample(row_norms(rows), k, deterministic)
+        return idx, w, gather_rows(rows, idx)
+
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic))
+    meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
+    existing = set(graph.nodes)
+    idx, w, rows = insert_graph(graph, sub, [x], before=_after(graph, x), meta=meta)
+    _tag_replayed_noise(set(graph.nodes) - existing)
+    for out in (idx, w, rows):
+        out.meta["wtacrs"] = "forward_sample"
+    return BmmForwardSample(idx, w, rows, k)
+
+
+def rewrite_bmm_with_forward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, sample: BmmForwardSample, cache: Optional[dict] = None
+) -> None:
+    """The site's bmm on the saved rows of X and the matching, weighted rows of G."""
+    _, _, g, g_t = _operands(node, site)
+
+    def estimate(g_in, idx, w, xs):
+        return _product(_weighted(_rows(g_in, g_t), idx, w), xs, site.x_side)
+
+    args = [g, sample.idx, sample.weight, sample.rows]
+    sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("bmm_fwd_estimate", g_t, site.x_side))
+    _replace(graph, node, insert_graph(graph, sub, args, before=node, meta=_backward_meta(node)))
+
+
+def rewrite_bmm_with_backward_sample(
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+) -> None:
+    """The estimator drawn in backward per batch entry with ``p_i ∝ ||x_i|| ||g_i||``."""
+    x, x_t, g, g_t = _operands(node, site)
+
+    def estimate(x_in, g_in):
+        xr, gr = _rows(x_in, x_t), _rows(g_in, g_t)
+        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic)
+        return _product(_weighted(gr, idx, w), gather_rows(xr, idx), site.x_side)
+
+    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, k, deterministic)
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
+    _replace(graph, node, insert_graph(graph, sub, [x, g], before=node, meta=_backward_meta(node)))
