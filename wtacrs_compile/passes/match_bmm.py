@@ -29,6 +29,9 @@ Attention computed by a fused SDPA kernel (``_scaled_dot_product_*_attention``, 
 attention) has no bmm in the graph: the kernel forms ``Q K^T`` and ``P V`` internally and its
 backward recomputes them tile by tile.  There is nothing to sample, so each fused attention
 backward is reported as a site with ``skip_reason`` (left exact, and the report says why).
+That includes eager attention that Inductor's ``fuse_attention`` patterns (joint-graph
+passes that run before ``joint_custom_post_pass``) turned into SDPA: the fused kernel saves
+no ``P`` either, so leaving it exact costs no memory.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ FUSED_ATTENTION_BACKWARD = frozenset(
 FUSED_SDPA_REASON = (
     "fused SDPA: no bmm to sample (the kernel forms Q K^T and P V internally and recomputes "
     "them in backward); left exact"
+)
+INDUCTOR_FUSED_REASON = (
+    "fused SDPA: no bmm to sample (Inductor's fuse_attention pass replaced this eager "
+    "matmul-softmax-matmul with the fused kernel before the wtacrs pass ran); left exact"
 )
 
 
@@ -218,6 +225,7 @@ def _fused_attention_site(node: fx.Node) -> MatmulSite:
         dtype=dtype,
         x_key=node.name,
         x_producer=_op_name(node.target),
-        skip_reason=FUSED_SDPA_REASON,
+        # Nodes traced by autograd carry a seq_nr; Inductor's pattern replacement does not.
+        skip_reason=FUSED_SDPA_REASON if "seq_nr" in node.meta else INDUCTOR_FUSED_REASON,
         batch=batch,
     )
