@@ -269,8 +269,10 @@ def bert_run(tmp_path_factory):
 
 def test_cli_bert_table_json_and_measured_totals(bert_run):
     d = bert_run.json
-    ops = {op["module"]: op for op in d["ops"]}
+    ops = {op["module"]: op for op in d["ops"] if op["op"] == "linear"}
     assert len(ops) == 14  # 2 layers x (Q, K, V, attention output, FFN up, FFN down) + pooler + classifier
+    # eager attention: Q K^T and P V, each with both operand gradients, per layer
+    assert sum(op["op"] == "bmm" for op in d["ops"]) == 2 * 4
     for op in d["ops"]:
         assert OP_FIELDS <= set(op), OP_FIELDS - set(op)
     assert ops["bert.encoder.layer.0.output.dense"]["shapes"] == {"x": [256, 256], "grad": [256, 64]}
@@ -305,7 +307,7 @@ def test_html_is_self_contained_and_renders_in_headless_chromium(bert_run):
             chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run",
             f"--user-data-dir={bert_run.dir / 'chromium-profile'}", f"--screenshot={png}",
-            "--window-size=1400,6000", bert_run.html.as_uri(),
+            "--window-size=1400,12000", bert_run.html.as_uri(),
         ],
         capture_output=True, timeout=120, check=False,
     )

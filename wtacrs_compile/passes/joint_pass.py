@@ -25,7 +25,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
-from ..graph_utils import SavedSet, copy_graph, partition_saved
+from ..graph_utils import SavedSet, copy_graph, partition_saved, strip_views
 from ..report import CompileReport, OpRecord
 from . import plan_memory
 from .match_bmm import find_bmm_sites
@@ -132,6 +132,13 @@ class WTACRSJointPass(CustomGraphPass):
             decisions, shared = {}, {}
             baseline = final = partition_saved(graph, self.static_input_indices)
 
+        # The partitioner need not save a forward draw's sample: it may recompute the whole
+        # draw in backward from tensors it saves anyway (still unbiased: no forward op reads
+        # the sample).  Record where the draw ran rather than assume it.
+        rows = getattr(self, "_sample_rows", {}) if candidates else {}
+        saved_roots = {strip_views(n).name for n in final.fw.graph.nodes if n.name in final.activations}
+        self._drawn_in_backward = {site for site, name in rows.items() if name not in saved_roots}
+
         if self.config.pack_masks:
             final = self._pack_masks(graph, final)
 
@@ -162,6 +169,7 @@ class WTACRSJointPass(CustomGraphPass):
         cache = self._trace_cache
         draws: Dict[tuple, tuple] = {}
         shared: Dict[str, str] = {}
+        self._sample_rows: Dict[str, str] = {}  # site -> the forward sample node it reads
         for site in sites:
             s = settings[site.node]
             k = s.k_for(site.n)
@@ -174,6 +182,7 @@ class WTACRSJointPass(CustomGraphPass):
                     draws[key] = (draw(graph, node, site, k, s.deterministic, cache), site.node)
                 else:
                     shared[site.node] = draws[key][1]
+                self._sample_rows[site.node] = draws[key][0].rows.name
                 rewrite = rewrite_bmm_with_forward_sample if bmm else rewrite_with_forward_sample
                 rewrite(graph, node, site, draws[key][0], cache)
             else:
@@ -191,10 +200,18 @@ class WTACRSJointPass(CustomGraphPass):
         else:
             d = decisions[site.node]
             decision, reason, measured = d.decision, d.reason, d.measured_saving
+        # Bytes after: with a planner measurement, the op's share of the bytes its class
+        # removed from the partitioned graph; for forced forward sampling, the sample the
+        # partitioner saved (nothing when it moved the draw into backward).
+        after = before
         if decision == plan_memory.MEMORY:
-            after = 0 if site.node in shared else k * site.d * elem + k * (8 + 4)
-        else:
-            after = before
+            in_backward = site.node in self._drawn_in_backward
+            if in_backward:
+                reason += "; the partitioner runs this draw in backward from tensors it saves anyway"
+            if measured is not None:
+                after = max(0, before - measured)
+            elif not in_backward:
+                after = 0 if site.node in shared else k * site.d * elem + k * (8 + 4)
         return OpRecord(
             module=site.fqn,
             module_type=_type_name(site.module_types),
