@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import wtacrs_compile
 
-from grad_stats import assert_entries_unbiased
+from stats import assert_entries_unbiased
 
 
 class Bmm(nn.Module):

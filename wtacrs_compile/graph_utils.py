@@ -50,11 +50,21 @@ def tensor_nbytes(v: Any) -> int:
         return 0
     n = v.numel()
     if not isinstance(n, int):
+        # Never int(n): that guards on the traced size and makes a dynamic=True graph
+        # recompile for every new shape.  The hint is the size at trace time, guard-free.
         try:
-            n = int(n)
+            n = _size_hint(n)
         except Exception:  # unbacked or unhinted symbol: count nothing rather than guess
             return 0
     return n * v.element_size()
+
+
+def _size_hint(n: Any) -> int:
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint as hint
+    except ImportError:  # torch < 2.12 (the GPU machines' 2.11)
+        from torch.fx.experimental.symbolic_shapes import hint_int as hint
+    return int(hint(n))
 
 
 def tangent_dependent(graph: fx.Graph) -> set:
@@ -128,8 +138,10 @@ def normalize_fqn(path: str) -> str:
     # A forward replaced by a method bound to its module (wtacrs_compile.annotate_module, or
     # hooks that wrap forward) reaches submodules through ``.forward.__self__``.
     path = re.sub(r"\.forward\.__self__(?=[.\[]|$)", "", path)
-    path = _ROOT.sub("", path)
+    # Modules reached through ``__dict__['_modules']`` (peft's wrappers) are children too.
+    path = re.sub(r"\.__dict__\[['\"]_modules['\"]\]", "._modules", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = _ROOT.sub("", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     path = re.sub(r"^L\['[^']+'\]\.?", "", path)
     return path.strip(".")

@@ -1,8 +1,11 @@
 """Graph passes of the ``wtacrs`` backend, one concern per file.
 
-* :mod:`.match_matmuls`: find the weight-gradient matmuls of a joint graph (analysis only);
+* :mod:`.match_matmuls`: find the weight-gradient matmuls of linear layers (analysis only);
+* :mod:`.match_bmm`: find the operand-gradient bmms of attention products (analysis only);
 * :mod:`.plan_memory`: decide per matched op: sample in forward, in backward, or leave exact;
-* :mod:`.sample_matmul`: rewrite a matched matmul to the WTA-CRS estimator;
-* :mod:`.joint_pass`: the ``CustomGraphPass`` Inductor calls on the joint graph, tying the
-  three together.
+* :mod:`.sample_matmul`: rewrite a matched linear's weight-gradient matmul to WTA-CRS;
+* :mod:`.sample_bmm`: rewrite a matched bmm, one draw per (batch, head);
+* :mod:`.pack_masks`: store the boolean masks saved for backward as packed bits;
+* :mod:`.joint_pass`: the ``CustomGraphPass`` Inductor calls on the joint graph, tying them
+  together.
 """

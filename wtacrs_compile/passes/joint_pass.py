@@ -74,6 +74,11 @@ class WTACRSJointPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         report = self.report
+        if not any(n.op == "placeholder" and n.target.startswith("tangents") for n in graph.nodes):
+            # Inductor runs joint passes on inference graphs too (no_grad, inference_mode,
+            # inputs that need no gradient): there is no backward to estimate, so the graph is
+            # left exactly as plain torch.compile compiles it (no mask packing either).
+            return
         # Earlier joint passes may leave the graph out of order (Inductor sorts after all of
         # them); copies for the planner need definitions before uses.
         stable_topological_sort(graph)
@@ -193,7 +198,7 @@ class WTACRSJointPass(CustomGraphPass):
 
     def _record(self, site, s: OpSettings, decisions, skipped, shared) -> OpRecord:
         k = s.k_for(site.n) if site.n > 0 else -1
-        elem = site.x_bytes // max(site.n * site.d, 1) if site.n > 0 else 0
+        elem = site.x_bytes // max(site.batch * site.n * site.d, 1) if site.n > 0 else 0
         before = site.x_bytes if site.n > 0 else 0
         if site.node in skipped:
             decision, reason, measured = "exact", skipped[site.node], None
@@ -211,7 +216,8 @@ class WTACRSJointPass(CustomGraphPass):
             if measured is not None:
                 after = max(0, before - measured)
             elif not in_backward:
-                after = 0 if site.node in shared else k * site.d * elem + k * (8 + 4)
+                # per batch entry (bmm): k rows, k int64 indices, k float32 weights
+                after = 0 if site.node in shared else site.batch * k * (site.d * elem + 8 + 4)
         return OpRecord(
             module=site.fqn,
             module_type=_type_name(site.module_types),

@@ -77,7 +77,7 @@ def plan(
         return partition_saved(g, static_input_indices)
 
     baseline = partition_saved(graph, static_input_indices)
-    result = PlanResult({}, baseline, {"baseline": baseline.activation_bytes})
+    result = PlanResult({}, baseline, measurements={"baseline": baseline.activation_bytes})
     decisions = result.decisions
 
     forced = {s.node: MEMORY for s in candidates if modes[s.node] == "all"}

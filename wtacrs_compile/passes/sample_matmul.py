@@ -4,17 +4,19 @@ Forward sampling (``memory``), for ``dW = mm(permute(G), X)``::
 
     before                                   after
     %x2d = view(%x, [N, D])                  %x2d = view(%x, [N, D])
-                                             %idx, %w = wtacrs_sample(||%x2d||, k)  # MUST_SAVE
-                                             %xs  = index(%x2d, [%idx])             # MUST_SAVE
+                                             %idx, %w = wtacrs_sample(||%x2d||, k)
+                                             %xs  = index(%x2d, [%idx])
     %mm  = mm(permute(%g2d), %x2d)           %gs  = index(%g2d, [%idx]) * %w[:, None]
                                              %mm' = mm(permute(%gs), %xs)
 
-``%idx``, ``%w`` and ``%xs`` depend only on forward values and are tagged ``MUST_SAVE``: the
-partitioner saves them rather than recomputing them in backward, so the indices backward
-uses are exactly the ones drawn in forward (``aten.rand_like`` alone would also be kept out
-of recomputation; the tag makes the whole sample, not just the noise, a saved value).
-Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the planner
-only picks this rewrite where it measured that it does.
+``%idx``, ``%w`` and ``%xs`` depend only on forward values and no forward output reads them,
+so the partitioner is free to save them, or to save what they are computed from and compute
+them in backward.  The one thing it must not do is draw the noise again: the partitioner does
+not ban recomputation of such nodes, so the draw's ``aten.rand_like`` is tagged
+``MUST_RECOMPUTE``, which makes AOTAutograd replay it in backward under the RNG state saved
+in forward (``functionalize_rng_ops``).  Either way backward uses exactly the rows drawn in
+forward.  Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the
+planner only picks this rewrite where it measured that it does.
 
 Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: the exact
 gradient-row norms (lower variance), nothing saved, weight-gradient FLOPs cut to ``k/N``.
