@@ -1,0 +1,97 @@
+"""Plots from the results files: one point per configuration.
+
+    python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_minilm.png
+
+memory_time-<model>.png: saved-activation bytes (x) against step time as a ratio to Inductor
+(y), and peak step RSS (x) against the same; accuracy_minilm.png: MiniLM test accuracy (y)
+against saved-activation bytes of the MiniLM memory run (x) for the configurations both runs
+have, with the spread over seeds as error bars.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+COLORS = {"eager": "tab:gray", "inductor": "tab:blue", "wtacrs": "tab:red"}
+
+
+def _color(e):
+    kind = e["config"]["kind"]
+    if kind == "inductor" and e["config"].get("budget") is not None:
+        return "tab:cyan"
+    if kind == "wtacrs" and e["config"].get("mode") not in (None, "memory"):
+        return "tab:orange"
+    return COLORS[kind]
+
+
+def plot_memory(path: Path) -> Path:
+    res = json.loads(path.read_text())
+    ok = [e for e in res["results"] if e.get("status") == "ok" and e.get("step_ratio_vs_inductor")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in (
+        (axes[0], "saved_bytes", "saved activations (MiB; eager: autograd saved tensors)"),
+        (axes[1], "peak_step_bytes", "peak RSS of one training step (MiB, fresh process)"),
+    ):
+        for e in ok:
+            if not e.get(key):
+                continue
+            x, y = e[key] / 2**20, e["step_ratio_vs_inductor"]
+            ax.scatter(x, y, color=_color(e), s=40)
+            ax.annotate(e["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1.0, color="tab:blue", lw=0.5, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("median step time / Inductor's (same run)")
+        ax.grid(alpha=0.3)
+    m = res["model"]
+    layers = f", {m['layers_reduced_to']} layers" if m.get("layers_reduced_to") else ""
+    fig.suptitle(f"{m['name']} batch {m['batch']}{layers} — {res['machine']['device']}, torch {res['machine']['torch']}")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(acc_path: Path, mem_path: Path) -> Path:
+    acc = json.loads(acc_path.read_text())
+    mem = json.loads(mem_path.read_text()) if mem_path.exists() else None
+    saved = {}
+    if mem:
+        saved = {e["name"]: e for e in mem["results"] if e.get("saved_bytes")}
+    alias = {"exact (inductor)": "inductor"}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (name, s) in enumerate(acc["summary"].items()):
+        e = saved.get(alias.get(name, name))
+        x = e["saved_bytes"] / 2**20 if e else i
+        ax.errorbar(x, s["mean"] * 100, yerr=s["std"] * 100, fmt="o",
+                    color="tab:blue" if name.startswith("exact") else "tab:red", capsize=3)
+        label = name + (f"  (step x{e['step_ratio_vs_inductor']:.2f})" if e and e.get("step_ratio_vs_inductor") else "")
+        ax.annotate(label, (x, s["mean"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("saved activations, MiniLM memory run (MiB)" if saved else "configuration")
+    ax.set_ylabel("test accuracy % (mean +- std over seeds)")
+    ax.set_title("MiniLM on movie-review sentences: accuracy vs activation memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = acc_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    for p in sorted(RESULTS.glob("memory_time-*.json")):
+        print(plot_memory(p))
+    acc = RESULTS / "accuracy_minilm.json"
+    if acc.exists():
+        print(plot_accuracy(acc, RESULTS / "memory_time-minilm.json"))
+
+
+if __name__ == "__main__":
+    main()
