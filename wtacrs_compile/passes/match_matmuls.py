@@ -69,8 +69,14 @@ def _elem(dtype: torch.dtype) -> int:
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+_CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
 def _is_param_derived(node: fx.Node, params: Set[str]) -> bool:
+    """A parameter, through views and dtype casts (autocast multiplies ``W.to(bf16)``)."""
     root = strip_views(node)
+    while is_call(root, *_CASTS):
+        root = strip_views(root.args[0])
     return root.op == "placeholder" and root.name in params
 
 

@@ -1,0 +1,454 @@
+"""The backend under real training conditions (issue 8), on tiny models so it runs in CI time.
+
+* no gradient needed (``no_grad``, ``inference_mode``, ``eval()``): nothing is rewritten and
+  the outputs are plain ``torch.compile``'s;
+* gradient accumulation and ``torch.utils.checkpoint`` inside the model: still unbiased;
+* reproducibility: the same seed gives bitwise the same gradients across fresh compiles;
+* mixed precision (CPU autocast bf16): linears are matched through the weight casts, the
+  sampling math runs in float32, the estimate is unbiased, ``min_k`` holds;
+* dynamic shapes: ``dynamic=True`` compiles once, like plain ``torch.compile``;
+* bad input: invalid ratios, ``min_k > N``, no linear layer, a graph break inside a block,
+  integer tensors -- each a clear error or an exact fallback with the reason in the report.
+
+Unbiasedness is checked against the exact gradient of ``backend="inductor"`` on the same
+inputs (``stats.assert_unbiased``: projection t-tests and a Hotelling bound).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils.checkpoint import checkpoint
+
+import wtacrs_compile
+
+from stats import assert_unbiased
+
+DRAWS = 300
+SAMPLING_OPS = {"sqrt", "cumsum", "argmin", "searchsorted", "topk", "rand_like"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Hundreds of tiny steps: with two OpenMP threads on a shared two-core machine each step
+    spends most of its time spinning (20x slower); one thread keeps the file in CI time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, h=48):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class Net(nn.Module):
+    """Two residual blocks; ``ckpt`` wraps each block in ``torch.utils.checkpoint``."""
+
+    def __init__(self, ckpt=None, graph_break=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.ckpt = ckpt  # None | "non_reentrant" | "reentrant"
+        self.graph_break = graph_break
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.ckpt:
+                x = x + checkpoint(block, x, use_reentrant=self.ckpt == "reentrant")
+            elif self.graph_break:
+                x = x + _forward_with_break(block, x)
+            else:
+                x = x + block(x)
+        return x
+
+
+def _forward_with_break(block, x):
+    """A block whose forward breaks the graph between its two linears (a print, a .item())."""
+    h = torch.relu(block.up(x))
+    torch._dynamo.graph_break()
+    return block.down(h)
+
+
+def net(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Net(**kw)
+
+
+def batch(n=48, d=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.2)
+    return x, torch.randn(n, d, generator=gen)
+
+
+def accumulated_grads(model, fn, batches):
+    """Gradients of ``sum_b <fn(x_b), t_b>`` accumulated over micro-batches, as one vector
+    per parameter."""
+    model.zero_grad(set_to_none=True)
+    for x, t in batches:
+        (fn(x) * t).sum().backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def exact_grads(model, batches):
+    torch._dynamo.reset()
+    out = accumulated_grads(model, torch.compile(model, backend="inductor"), batches)
+    torch._dynamo.reset()
+    return out
+
+
+def weight_indices(model):
+    return [i for i, (name, p) in enumerate(model.named_parameters()) if name.endswith("weight")]
+
+
+def check_unbiased(model, fn, batches, exact, draws=DRAWS):
+    samples = [accumulated_grads(model, fn, batches) for _ in range(draws)]
+    names = [name for name, _ in model.named_parameters()]
+    for i, (name, ex) in enumerate(zip(names, exact)):
+        stack = torch.stack([s[i] for s in samples])
+        if name.endswith("bias"):  # biases are never sampled: exact in every draw
+            torch.testing.assert_close(stack[0], ex, rtol=1e-4, atol=1e-5)
+        else:
+            assert_unbiased(stack, ex)
+    return samples
+
+
+def sampled(backend):
+    return [op for r in backend.reports for op in r.ops if op.decision != "exact"]
+
+
+# --------------------------------------------------------------------------------------
+# No gradient needed
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "eval_no_grad"])
+def test_no_gradient_adds_nothing_and_equals_inductor(context):
+    model = net()
+    x, _ = batch()
+
+    def run(backend):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        if context == "no_grad":
+            with torch.no_grad():
+                return compiled(x)
+        if context == "inference_mode":
+            with torch.inference_mode():
+                return compiled(x)
+        model.eval()
+        try:
+            with torch.no_grad():
+                return compiled(x)
+        finally:
+            model.train()
+
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    ours = run(b)
+    ref = run("inductor")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert b.reports, "the backend compiled nothing"
+    for report in b.reports:  # inference graphs: the joint pass returns before any rewrite
+        assert report.ops == [] and report.joint_graph_after == "" and not report.packed_masks
+
+
+def test_eval_with_grad_enabled_keeps_forward_outputs():
+    """``eval()`` alone does not turn autograd off (a user may still differentiate, e.g. for
+    saliency): the backend compiles a training graph, but the forward values are untouched."""
+    model = net()
+    model.eval()
+    x, t = batch()
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    ours = torch.compile(model, backend=b)(x)
+    torch._dynamo.reset()
+    ref = torch.compile(model, backend="inductor")(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert ours.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Gradient accumulation, activation checkpointing
+
+
+def test_gradient_accumulation_is_unbiased():
+    model = net()
+    batches = [batch(40, seed=1), batch(40, seed=2)]
+    exact = exact_grads(model, batches)
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    samples = check_unbiased(model, compiled, batches, exact)
+    assert len(b.reports) == 1, "one graph for both micro-batches (same shapes)"
+    assert len(sampled(b)) == 4
+    # Two micro-batches are two independent draws: the accumulated gradient is not twice one.
+    one = accumulated_grads(model, compiled, batches[:1])
+    assert not torch.equal(samples[0][0], 2 * one[0])
+
+
+@pytest.mark.parametrize("ckpt", ["non_reentrant", "reentrant"])
+def test_checkpoint_inside_the_model_is_unbiased(ckpt):
+    """The checkpointed region's ops are recomputed in backward; a forward draw inside it must
+    be replayed (same indices), not redrawn, or X rows and G rows of different tokens would be
+    paired: biased, which the test would see."""
+    model = net(ckpt=ckpt)
+    batches = [batch(48)]
+    exact = exact_grads(model, batches)
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    check_unbiased(model, compiled, batches, exact)
+    records = [op for r in b.reports for op in r.ops]
+    assert {op.module for op in records} == {f"blocks.{i}.{l}" for i in (0, 1) for l in ("up", "down")}
+    assert all(op.decision == "memory" for op in records), [(op.module, op.reason) for op in records]
+    # A draw is never split between the halves: either its noise is drawn in forward (and
+    # replayed from the saved RNG state if backward recomputes it), or, as here where the
+    # checkpointed blocks save only their inputs, the whole draw runs in backward, where
+    # indices, weights and rows come from one noise tensor.
+    for report in b.reports:
+        fresh = [l for l in report.backward_graph.splitlines() if "rand_like" in l and "run_with_rng_state" not in l]
+        forward = [l for l in report.forward_graph.splitlines() if "rand_like" in l]
+        assert not (fresh and forward), (fresh, forward)
+
+
+# --------------------------------------------------------------------------------------
+# Reproducibility
+
+
+def test_same_seed_gives_bitwise_identical_gradients_across_fresh_compiles():
+    model = net()
+    batches = [batch(48, seed=1), batch(48, seed=2)]
+
+    def run(seed):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=wtacrs_compile.backend(ratio=0.3, mode="all"))
+        torch.manual_seed(seed)
+        return [accumulated_grads(model, compiled, batches) for _ in range(2)]
+
+    first, second, other = run(7), run(7), run(8)
+    for a, b in zip(first, second):
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga, gb)
+    # The seed does drive the draws: another seed, other gradients; successive steps differ.
+    assert not torch.equal(first[0][0], other[0][0])
+    assert not torch.equal(first[0][0], first[1][0])
+
+
+# --------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def _sampling_nodes(report):
+    for gm in report.graph_modules.values():
+        for node in gm.graph.nodes:
+            name = getattr(node.target, "__name__", "").split(".")[0]
+            if node.op == "call_function" and name in SAMPLING_OPS:
+                yield name, node
+
+
+def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
+    model = net()
+    x, t = batch(40)
+    batches = [(x, t)]
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return accumulated_grads(model, fn, batches)
+
+    torch._dynamo.reset()
+    exact = run(torch.compile(model, backend="inductor"))
+    torch._dynamo.reset()
+    b = wtacrs_compile.backend(ratio=0.1, min_k=12, mode="all")
+    compiled = torch.compile(model, backend=b)
+    samples = [run(compiled) for _ in range(200)]  # bf16 matmuls are slow on CPU
+    report = b.reports[0]
+    # Every linear is found through autocast's weight casts; activations are bf16.
+    assert len(report.ops) == 4 and all(op.decision == "memory" for op in report.ops)
+    assert {op.dtype for op in report.ops} == {"bfloat16"}
+    assert {op.k for op in report.ops} == {12}  # ceil(0.1 * 40) = 4 < min_k
+    # Norms, probabilities, the winner objective and the CDF are float32, whatever the model's dtype.
+    found = set()
+    for name, node in _sampling_nodes(report):
+        v = node.meta["val"]
+        v = v[0] if isinstance(v, (tuple, list)) else v
+        src = node.args[0].meta["val"]
+        assert (v.dtype if name not in ("argmin", "searchsorted") else src.dtype) == torch.float32, node.format_node()
+        found.add(name)
+    assert {"sqrt", "cumsum", "searchsorted"} <= found, found
+    # k = 12 rows saved per sampled activation: the saved samples have 12 rows.
+    saved_rows = [
+        n.meta["val"].shape
+        for n in report.graph_modules["backward"].graph.nodes
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 2
+        and n.meta["val"].dtype == torch.bfloat16 and n.meta["val"].shape[0] == 12
+    ]
+    assert saved_rows, "no k x D bf16 sample saved for backward"
+    for i, (name, _) in enumerate(model.named_parameters()):
+        stack = torch.stack([s[i] for s in samples]).float()
+        assert stack.dtype == torch.float32 and exact[i].dtype == torch.float32  # fp32 master grads
+        if name.endswith("weight"):
+            assert_unbiased(stack, exact[i])
+    # And it trains.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt.zero_grad()
+    y = torch.tanh(x @ torch.randn(16, 16, generator=torch.Generator().manual_seed(3)) / 4)
+    losses = []
+    for _ in range(20):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ((compiled(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0] and all(math.isfinite(l) for l in losses), losses
+
+
+# --------------------------------------------------------------------------------------
+# Dynamic shapes
+
+
+def test_dynamic_shapes_compile_once_like_inductor():
+    """``dynamic=True``: one compile for every batch size, as with plain torch.compile.  The
+    planner's byte counts read size hints, never ``int(SymInt)`` (that guards on the traced
+    size and recompiled per shape)."""
+    model = net()
+    sizes = (20, 33, 47, 8)
+
+    def frames(backend):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(backend)
+        compiled = torch.compile(model, backend=counter, dynamic=True)
+        grads = []
+        for n in sizes:
+            x, t = batch(n)
+            grads.append(accumulated_grads(model, compiled, [(x, t)]))
+        return counter.frame_count, grads
+
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    ours, ours_grads = frames(b)
+    ref, ref_grads = frames("inductor")
+    assert ours == ref == 1
+    for report in b.reports:
+        for op in report.ops:
+            # Symbolic N: either sampled with k following N, or exact with the reason.
+            assert op.decision != "exact" or "dynamic shape" in op.reason, (op.module, op.reason)
+    if all(op.decision == "exact" for r in b.reports for op in r.ops):
+        for a, r in zip(ours_grads, ref_grads):
+            for ga, gr in zip(a, r):
+                torch.testing.assert_close(ga, gr, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan"), True])
+def test_invalid_ratio_is_a_clear_error(ratio):
+    with pytest.raises(ValueError, match=r"ratio must be"):
+        wtacrs_compile.backend(ratio=ratio)
+    compiled = torch.compile(net(), backend="wtacrs", options={"ratio": ratio})
+    with pytest.raises(Exception, match=r"wtacrs config: ratio must be"):
+        compiled(batch()[0])
+
+
+def test_min_k_larger_than_n_is_exact_with_the_reason():
+    model = net()
+    batches = [batch(24)]
+    exact = exact_grads(model, batches)
+    b = wtacrs_compile.backend(ratio=0.3, min_k=100, mode="all")
+    got = accumulated_grads(model, torch.compile(model, backend=b), batches)
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    ops = b.reports[0].ops
+    assert len(ops) == 4
+    for op in ops:
+        assert op.decision == "exact" and op.k == 24 and op.reason == "k = 24 >= N = 24: nothing to sample"
+
+
+class NoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(16))
+        self.emb = nn.Embedding(10, 16)
+
+    def forward(self, ids, x):
+        return torch.tanh(x * self.scale + self.emb(ids)).cumsum(0)
+
+
+def test_model_without_linear_layers_is_exact():
+    torch.manual_seed(0)
+    model = NoLinear()
+    ids, (x, t) = torch.randint(0, 10, (32,)), batch(32)
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    ours = accumulated_grads(model, lambda x_: compiled(ids, x_), [(x, t)])
+    torch._dynamo.reset()
+    plain = torch.compile(model, backend="inductor")
+    ref = accumulated_grads(model, lambda x_: plain(ids, x_), [(x, t)])
+    for g, r in zip(ours, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    assert b.reports and all(r.ops == [] for r in b.reports)
+
+
+def test_graph_break_inside_a_block_two_graphs_each_handled():
+    model = net(graph_break=True)
+    batches = [batch(48)]
+    exact = exact_grads(model, batches)
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    check_unbiased(model, compiled, batches, exact)
+    # Dynamo splits the block at the break: a graph ending after `up`, the resume function
+    # starting at `down` (whose graph, parameters being inputs, serves both blocks' `down`),
+    # and so on.  Every graph's linear is found and sampled in the graph it runs in.
+    modules = [[op.module.rsplit(".", 1)[-1] for op in r.ops] for r in b.reports]
+    assert len(b.reports) >= 3 and all(len(m) == 1 for m in modules), modules
+    assert {m[0] for m in modules} == {"up", "down"}
+    assert all(op.decision == "memory" for r in b.reports for op in r.ops)
+
+
+class IdsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.block = Block()
+
+    def forward(self, ids):
+        return self.block(self.emb(ids))
+
+
+def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_error():
+    torch.manual_seed(0)
+    model = IdsModel()
+    ids = torch.randint(0, 50, (48,))
+    t = torch.randn(48, 16)
+    exact = exact_grads(model, [(ids, t)])
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    check_unbiased(model, compiled, [(ids, t)], exact, draws=200)
+    # The embedding's gradient is an index_put, not a matmul: exact (checked above: its
+    # draws have no variance).  Both linears are sampled.
+    assert sorted(op.module for op in sampled(b)) == ["block.down", "block.up"]
+
+    # An integer tensor fed to a float linear is the user's error; the message is PyTorch's
+    # own, the same as without the backend, not a failure inside the pass.
+    lin = nn.Linear(16, 4)
+    ints = torch.randint(0, 10, (8, 16))
+    with pytest.raises(RuntimeError) as eager:
+        lin(ints)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as ours:
+        torch.compile(lin, backend=wtacrs_compile.backend(ratio=0.3))(ints)
+    assert "wtacrs" not in str(ours.value)
+    assert any(w in str(ours.value) for w in ("dtype", "Long", "same")), str(ours.value)
+    assert "dtype" in str(eager.value) or "Long" in str(eager.value)
+
+    # Integer matmuls never need a gradient: nothing to rewrite, values exact.
+    torch._dynamo.reset()
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    w = torch.randint(-3, 3, (16, 8))
+    out = torch.compile(lambda a: a @ w, backend=b)(ints)
+    assert torch.equal(out, ints @ w)
+    assert all(r.ops == [] for r in b.reports)
