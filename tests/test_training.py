@@ -310,35 +310,73 @@ def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
 # Dynamic shapes
 
 
-def test_dynamic_shapes_compile_once_like_inductor():
-    """``dynamic=True``: one compile for every batch size, as with plain torch.compile.  The
-    planner's byte counts read size hints, never ``int(SymInt)`` (that guards on the traced
-    size and recompiled per shape)."""
-    model = net()
-    sizes = (20, 33, 47, 8)
+@pytest.mark.parametrize("mode", ["all", "memory"])
+def test_dynamic_shapes_compile_once_like_inductor_and_stay_unbiased(mode):
+    """``dynamic=True``: one graph for every batch size, as with plain torch.compile, and the
+    linears are sampled in it with ``k = min(N, max(ceil(ratio N), min_k))`` a SymInt.  (The
+    planner's byte counts read size hints, never ``int(SymInt)``, which guarded on the traced
+    size and recompiled per shape.)  ``memory`` mode plans on the symbolic graph: a plain MLP,
+    where sampling the ReLU output removes it from the saved set."""
+    if mode == "memory":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+    else:
+        model = net()
+    # memory mode: large enough that the sample is smaller than what it replaces
+    scale = 8 if mode == "memory" else 1
+    sizes = tuple(scale * n for n in (20, 33, 47, 8))
 
     def frames(backend):
         torch._dynamo.reset()
         counter = CompileCounterWithBackend(backend)
         compiled = torch.compile(model, backend=counter, dynamic=True)
-        grads = []
         for n in sizes:
-            x, t = batch(n)
-            grads.append(accumulated_grads(model, compiled, [(x, t)]))
-        return counter.frame_count, grads
+            accumulated_grads(model, compiled, [batch(n)])
+        return counter.frame_count, compiled
 
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
-    ours, ours_grads = frames(b)
-    ref, ref_grads = frames("inductor")
+    ref, _ = frames("inductor")
+    b = wtacrs_compile.backend(ratio=0.3, min_k=3, mode=mode)
+    ours, compiled = frames(b)
     assert ours == ref == 1
-    for report in b.reports:
-        for op in report.ops:
-            # Symbolic N: either sampled with k following N, or exact with the reason.
-            assert op.decision != "exact" or "dynamic shape" in op.reason, (op.module, op.reason)
-    if all(op.decision == "exact" for r in b.reports for op in r.ops):
-        for a, r in zip(ours_grads, ref_grads):
-            for ga, gr in zip(a, r):
-                torch.testing.assert_close(ga, gr, rtol=1e-5, atol=1e-5)
+    sampled_ops = sampled(b)
+    assert sampled_ops, [(op.module, op.reason) for r in b.reports for op in r.ops]
+    for op in sampled_ops:
+        assert op.k == -1 and "follows it at run time" in op.reason, op.reason
+    for op in (op for r in b.reports for op in r.ops if op.decision == "exact"):
+        assert "symbolic" not in op.reason, op.reason  # exact only for the usual reasons
+    # Unbiased at a size the graph was not traced at, with no recompile.
+    batches = [batch(29 * scale, seed=3)]
+    exact = exact_grads(model, batches)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(wtacrs_compile.backend(ratio=0.3, min_k=3, mode=mode))
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    accumulated_grads(model, compiled, [batch(40 * scale)])
+    samples = [accumulated_grads(model, compiled, batches) for _ in range(200)]
+    assert counter.frame_count == 1
+    for i, (name, _) in enumerate(model.named_parameters()):
+        if name.endswith("weight"):
+            assert_unbiased(torch.stack([s[i] for s in samples]), exact[i])
+
+
+def test_dynamic_k_follows_n():
+    """One-hot token rows: the weight gradient's nonzero columns are the distinct tokens the
+    estimator kept, at most k(N), and k(N) is reached, for every N of one dynamic graph."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8, bias=False)
+    b = wtacrs_compile.backend(ratio=0.3, min_k=3, mode="all")
+    counter = CompileCounterWithBackend(b)
+    compiled = torch.compile(lin, backend=counter, dynamic=True)
+    for n in (40, 17, 9, 5):
+        k = min(n, max(math.ceil(0.3 * n), 3))
+        x = torch.eye(n, 64) * torch.linspace(1, 3, n)[:, None]
+        kept = []
+        for _ in range(30):
+            lin.zero_grad()
+            (compiled(x) * torch.randn(n, 8)).sum().backward()
+            kept.append(int((lin.weight.grad.abs().sum(0) > 0).sum()))
+        assert max(kept) == k and min(kept) >= 1, (n, k, kept)
+    assert counter.frame_count == 1
+    assert sampled(b) and all(op.k == -1 for op in sampled(b))
 
 
 # --------------------------------------------------------------------------------------

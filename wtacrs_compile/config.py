@@ -308,8 +308,13 @@ class OpSettings:
     annotation: tuple = ()  # (setting, value) pairs of the in-code annotation that applied
 
     def k_for(self, n: int) -> int:
-        """``k = min(N, max(ceil(ratio * N), min_k))``."""
-        return min(n, max(math.ceil(self.ratio * n - 1e-9), self.min_k))
+        """``k = min(N, max(ceil(ratio * N), min_k))``.  For a symbolic ``N`` (a SymInt under
+        dynamic shapes) the same expression as a SymInt, built without guards."""
+        if isinstance(n, int):
+            return min(n, max(math.ceil(self.ratio * n - 1e-9), self.min_k))
+        import torch
+
+        return torch.sym_min(n, torch.sym_max(math.ceil(self.ratio * n - 1e-9), self.min_k))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ how ``bmm`` samples per (batch, head).
 
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import torch
@@ -53,7 +54,8 @@ def winner_count(top_p: Tensor, k: int, deterministic: DeterministicT) -> Tensor
     """
     batch = top_p.shape[:-1]
     if deterministic != "adaptive":
-        c = min(int(float(deterministic) * k), k - 1)
+        # sym_min/floor, not min/int: k may be a SymInt (dynamic shapes), and those would guard.
+        c = torch.sym_min(math.floor(float(deterministic) * k), k - 1)
         return torch.full((*batch, 1), c, dtype=torch.int64, device=top_p.device)
     mass = torch.cumsum(top_p, dim=-1)
     # P_c for c = 0..k-1: the mass of the first c winners.
@@ -72,7 +74,9 @@ def wtacrs_sample(
     have weight 1; drawn rows ``(1 - P_C) / ((k - c) p_j)``.
     """
     n = scores.shape[-1]
-    if not 1 <= k <= n:
+    # With a symbolic N (dynamic shapes) k is min(N, max(ceil(ratio N), min_k)): in range by
+    # construction, and comparing SymInts here would add guards (recompiles).
+    if isinstance(k, int) and isinstance(n, int) and not 1 <= k <= n:
         raise ValueError(f"wtacrs: k must be in [1, N={n}], got {k}")
     p = probabilities(scores)
     top_p, top_idx = torch.topk(p, k, dim=-1)

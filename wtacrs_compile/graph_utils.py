@@ -201,7 +201,8 @@ def trace(fn: Callable, example_vals: Sequence[Any], fake_mode, cache: Optional[
     from torch.fx.experimental.proxy_tensor import make_fx
 
     if cache is not None:
-        full_key = (key, tuple((tuple(v.shape), v.dtype, v.device) for v in example_vals))
+        # str(): symbolic sizes are unhashable; their names tell traces apart without a guard.
+        full_key = (key, tuple((tuple(map(str, v.shape)), v.dtype, v.device) for v in example_vals))
         if full_key in cache:
             return cache[full_key]
     with fake_mode:

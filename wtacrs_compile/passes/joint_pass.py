@@ -104,7 +104,7 @@ class WTACRSJointPass(CustomGraphPass):
                 skipped[site.node] = site.skip_reason
             elif s.ratio >= 1.0:
                 skipped[site.node] = "ratio 1.0: exact"
-            elif k >= site.n:
+            elif not site.dynamic_n and k >= site.n:
                 skipped[site.node] = f"k = {k} >= N = {site.n}: nothing to sample"
             else:
                 candidates.append(site)
@@ -177,7 +177,8 @@ class WTACRSJointPass(CustomGraphPass):
         self._sample_rows: Dict[str, str] = {}  # site -> the forward sample node it reads
         for site in sites:
             s = settings[site.node]
-            k = s.k_for(site.n)
+            # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
+            k = s.k_for if site.dynamic_n else s.k_for(site.n)
             node = nodes[site.node]
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
@@ -217,7 +218,9 @@ class WTACRSJointPass(CustomGraphPass):
                 after = max(0, before - measured)
             elif not in_backward:
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
-                after = 0 if site.node in shared else site.batch * k * (site.d * elem + 8 + 4)
+                after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
+        if site.dynamic_n and decision != "exact":
+            reason += "; N is symbolic: k = min(N, max(ceil(ratio * N), min_k)) follows it at run time"
         return OpRecord(
             module=site.fqn,
             module_type=_type_name(site.module_types),

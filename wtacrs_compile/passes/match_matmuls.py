@@ -56,6 +56,8 @@ class MatmulSite:
     skip_reason: str = ""  # non-empty: matched but cannot be rewritten safely
     # bmm sites: independent (n x d) products, one draw each; x_shape stays the per-entry (n, d)
     batch: int = 1
+    # N is symbolic (dynamic shapes): ``n`` is -1 and k is a SymInt following N at run time
+    dynamic_n: bool = False
 
     @property
     def x_bytes(self) -> int:
@@ -125,8 +127,8 @@ def find_weight_grad_matmuls(graph: fx.Graph, params: Set[str]) -> List[MatmulSi
             fqn, types = innermost_module(fwd)
         kind = "lora" if _is_lora(fqn, types) else "linear"
         reason = ""
-        if not all(isinstance(s, int) for s in (n, d)):
-            reason = "dynamic shape: the sampled dimension is symbolic"
+        if not isinstance(d, int):
+            reason = "dynamic shape: the feature dimension is symbolic"
         elif x_val.dtype not in SUPPORTED_DTYPES:
             reason = f"unsupported dtype {x_val.dtype}"
         x_node = x_operand if x_side == "b" else (transposed_source(x_operand) or x_operand)
@@ -150,6 +152,7 @@ def find_weight_grad_matmuls(graph: fx.Graph, params: Set[str]) -> List[MatmulSi
                 x_key=view_key(x_node),
                 x_producer=producer,
                 skip_reason=reason,
+                dynamic_n=not isinstance(n, int),
             )
         )
     return sites

@@ -28,7 +28,7 @@ float32), so a low-precision activation is stored bit-exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -68,6 +68,11 @@ class ForwardSample:
     k: int
 
 
+def _k(k: Union[int, Callable[[Any], Any]], rows: torch.Tensor):
+    """``k`` given, or computed from the traced row count (a SymInt under dynamic shapes)."""
+    return k(rows.shape[0]) if callable(k) else k
+
+
 def _apply(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
     return xs.t() @ gs if x_side == "a" else gs.t() @ xs
 
@@ -80,7 +85,7 @@ def draw_forward_sample(
 
     def sample(x_in):
         rows = _as_rows(x_in, x_t)
-        idx, w = wtacrs_sample(row_norms(rows), k, deterministic)
+        idx, w = wtacrs_sample(row_norms(rows), _k(k, rows), deterministic)
         return idx, w, rows[idx]
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic))
@@ -146,7 +151,7 @@ def rewrite_with_backward_sample(
 
     def estimate(x_in, g_in):
         xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
-        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic)
+        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), _k(k, xr), deterministic)
         gs = (gr[idx].float() * w.unsqueeze(-1)).to(gr.dtype)
         return _apply(gs, xr[idx], site.x_side)
 
