@@ -490,3 +490,43 @@ def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_err
     out = torch.compile(lambda a: a @ w, backend=b)(ints)
     assert torch.equal(out, ints @ w)
     assert all(r.ops == [] for r in b.reports)
+
+
+def test_hf_bert_trains_under_bf16_autocast():
+    """A real model under CPU autocast: every encoder linear and attention bmm is found
+    through the casts, sampled in bf16 with float32 sampling math, and the loss falls."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="eager",
+        problem_type="single_label_classification",
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(1, 100, (4, 16), generator=gen), torch.tensor([0, 1, 0, 1])
+    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    compiled = torch.compile(model, backend=b)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(math.isfinite(l) for l in losses), losses
+    assert len(b.reports) == 1
+    ops = b.reports[0].ops
+    layer = [op for op in ops if ".layer.0." in op.module]
+    assert sum(op.op == "linear" for op in layer) == 6 and sum(op.op == "bmm" for op in layer) == 4
+    assert all(op.decision == "memory" and op.dtype == "bfloat16" for op in layer), [(op.module, op.reason) for op in layer]
+    assert {op.k for op in layer if op.op == "linear"} == {math.ceil(0.3 * 64)}
+    for name, node in _sampling_nodes(b.reports[0]):
+        v = node.meta["val"]
+        v = v[0] if isinstance(v, (tuple, list)) else v
+        src = node.args[0].meta["val"]
+        if name in ("cumsum", "searchsorted", "argmin"):
+            assert (src if name != "cumsum" else v).dtype == torch.float32, node.format_node()
