@@ -249,13 +249,15 @@ def _sampling_nodes(report):
                 yield name, node
 
 
-def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_samples_in_float32_unbiased_and_respects_min_k(dtype):
+    """CPU autocast in bf16 (and fp16, which CPU autocast also runs; on a GPU the same graph)."""
     model = net()
     x, t = batch(40)
     batches = [(x, t)]
 
     def run(fn):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             return accumulated_grads(model, fn, batches)
 
     torch._dynamo.reset()
@@ -267,7 +269,7 @@ def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
     report = b.reports[0]
     # Every linear is found through autocast's weight casts; activations are bf16.
     assert len(report.ops) == 4 and all(op.decision == "memory" for op in report.ops)
-    assert {op.dtype for op in report.ops} == {"bfloat16"}
+    assert {op.dtype for op in report.ops} == {str(dtype).replace("torch.", "")}
     assert {op.k for op in report.ops} == {12}  # ceil(0.1 * 40) = 4 < min_k
     # Norms, probabilities, the winner objective and the CDF are float32, whatever the model's dtype.
     found = set()
@@ -283,9 +285,9 @@ def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
         n.meta["val"].shape
         for n in report.graph_modules["backward"].graph.nodes
         if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 2
-        and n.meta["val"].dtype == torch.bfloat16 and n.meta["val"].shape[0] == 12
+        and n.meta["val"].dtype == dtype and n.meta["val"].shape[0] == 12
     ]
-    assert saved_rows, "no k x D bf16 sample saved for backward"
+    assert saved_rows, "no k x D low-precision sample saved for backward"
     for i, (name, _) in enumerate(model.named_parameters()):
         stack = torch.stack([s[i] for s in samples]).float()
         assert stack.dtype == torch.float32 and exact[i].dtype == torch.float32  # fp32 master grads
@@ -297,7 +299,7 @@ def test_autocast_bf16_samples_in_float32_unbiased_and_respects_min_k():
     y = torch.tanh(x @ torch.randn(16, 16, generator=torch.Generator().manual_seed(3)) / 4)
     losses = []
     for _ in range(20):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             loss = ((compiled(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
