@@ -17,10 +17,13 @@ Figures per configuration:
   an earlier one compiled.
 - step_ratio: median step time (zero_grad, forward, backward, SGD step) over interleaved
   rounds after warm-up, divided by Inductor's median in the same run.
-- peak_step_bytes (CPU): each configuration in a fresh subprocess; after setup and two warm-up
-  steps the process's RSS is the baseline, the peak-RSS counter is reset (/proc/self/clear_refs)
-  and one more step runs: its peak RSS minus the baseline.  glibc's mmap threshold is fixed
-  (MALLOC_MMAP_THRESHOLD_) so freed tensors return to the OS instead of staying cached.
+- peak_step_bytes (CPU): after warm-up and the timed rounds, the process's RSS right before a
+  step is the baseline, the peak-RSS counter is reset (/proc/self/clear_refs) and one step
+  runs: its peak RSS minus the baseline (includes the gradients the step allocates).  glibc's
+  mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_, the script re-executes itself with it) so
+  freed tensors return to the OS instead of staying cached.  --peak-subprocess measures each
+  configuration in a fresh subprocess instead (after setup and two warm-up steps; compiles
+  everything twice).
   On CUDA: torch.cuda.max_memory_allocated of the step minus memory allocated before it.
 - max_batch_under_cap: largest batch whose saved activations fit --cap-gib, from the saved
   bytes per sample (saved activations are linear in the batch).
@@ -61,7 +64,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cap-gib", type=float, default=8.0, help="saved-activation cap for max_batch_under_cap")
     p.add_argument("--no-modes", action="store_true", help="only ratios, no planner modes")
-    p.add_argument("--no-peak", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-RSS measurement")
+    p.add_argument("--peak-subprocess", action="store_true",
+                   help="peak RSS of each configuration in a fresh subprocess (compiles everything twice)")
+    p.add_argument("--peak-skip-modes", action="store_true",
+                   help="peak RSS only for the configurations without a planner mode or budget variant (saves compiles)")
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--out", help="results file stem (default results/memory_time-<model>)")
     p.add_argument("--peak-config", help=argparse.SUPPRESS)  # subprocess mode
@@ -71,6 +78,11 @@ def main() -> None:
     args.seq = args.seq or seq
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_dir(args.model)))
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
+        # glibc: a fixed mmap threshold returns freed tensors to the OS, so RSS tracks live
+        # memory; re-exec so the allocator starts with it.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:], env)
     if args.peak_config:
         return peak_subprocess(args)
     cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
@@ -146,6 +158,19 @@ def run(args) -> None:
             t0 = time.perf_counter()
             _step(fn, data, model, opt)
             times[e["name"]].append(time.perf_counter() - t0)
+    if not args.no_peak and not args.peak_subprocess:
+        # Peak of one step, in this process: RSS right before the step is the baseline, the
+        # peak-RSS counter is reset, one step runs.  Other configurations' state is in the
+        # baseline and untouched by the step.
+        for e in live:
+            fn, model, opt = e["_run"]
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            base = common.vm("VmRSS")
+            common.reset_peak_rss()
+            _step(fn, data, model, opt)
+            e["peak_step_bytes"] = common.vm("VmHWM") - base
+            e["peak_method"] = "in-process: VmHWM during one step minus VmRSS before it"
     ref = statistics.median(times["inductor"]) if times.get("inductor") else None
     for e in live:
         med = statistics.median(times[e["name"]])
@@ -167,8 +192,12 @@ def run(args) -> None:
             if eag:
                 e["saved_vs_eager"] = e["saved_bytes"] / eag["saved_bytes"]
 
-    if not args.no_peak:
+    if not args.no_peak and args.peak_subprocess:
         for e in entries:
+            c = e["config"]
+            if args.peak_skip_modes and c["kind"] == "wtacrs" and (c.get("mode") != "memory" or c.get("budget")):
+                if c.get("mode") != "all":
+                    continue
             e.update(peak_in_subprocess(args, e["name"]))
             print(f"  {e['name']:<28} peak step {e.get('peak_step_bytes', 0) / 2**20:8.1f} MiB "
                   f"{e.get('peak_error', '')}", flush=True)
@@ -182,7 +211,8 @@ def run(args) -> None:
             "layers_reduced_to": args.layers, "parameters": n_params,
         },
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "cap_gib": args.cap_gib,
-                     "optimizer": "SGD lr=1e-4", "peak_method": "CPU: VmHWM of a fresh subprocess during one step minus VmRSS before it (MALLOC_MMAP_THRESHOLD_=131072)"},
+                     "optimizer": "SGD lr=1e-4", "peak_method": ("CPU: VmHWM during one step minus VmRSS right before it, glibc MALLOC_MMAP_THRESHOLD_=131072, "
+                                       + ("each configuration in a fresh subprocess" if args.peak_subprocess else "all configurations in this process"))},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": entries,
     }
