@@ -163,12 +163,21 @@ def module_stack(node: fx.Node) -> List[Tuple[str, type]]:
     return out
 
 
-def innermost_module(node: fx.Node) -> Tuple[str, Tuple[type, ...]]:
-    stack = module_stack(node)
-    if not stack:
-        return "", ()
-    fqn, typ = stack[-1]
-    return fqn, (typ,)
+def innermost_module(node: fx.Node, search_depth: int = 0) -> Tuple[str, Tuple[type, ...]]:
+    """The innermost module of ``node``.  Nodes that an Inductor pattern replaced (the
+    attention patterns' ``bmm_default``) carry no module stack; they take it from the nearest
+    neighbour that does (the views and expands their module made), up to ``search_depth``
+    hops away, inputs before users at each distance."""
+    frontier, seen = [node], {node}
+    for _ in range(search_depth + 1):
+        for n in frontier:
+            stack = module_stack(n)
+            if stack:
+                fqn, typ = stack[-1]
+                return fqn, (typ,)
+        neighbours = [a for n in frontier for a in (*n.all_input_nodes, *n.users)]
+        frontier = [a for a in neighbours if a not in seen and not seen.add(a)]
+    return "", ()
 
 
 @functools.lru_cache(None)

@@ -150,6 +150,8 @@ def _bmm_site(
     fqn, types = innermost_module(node)
     if not fqn and fwd:
         fqn, types = innermost_module(fwd[0])
+    if not fqn:  # an Inductor attention pattern replaced the bmm and dropped its metadata
+        fqn, types = innermost_module(node, search_depth=4)
     x_rows, x_t = operand_rows(x_operand, first=x_side == "a")
 
     a_val, b_val = val(a), val(b)
