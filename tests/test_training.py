@@ -381,6 +381,30 @@ def test_dynamic_k_follows_n():
     assert sampled(b) and all(op.k == -1 for op in sampled(b))
 
 
+def test_dynamic_tiny_k_regimes_are_the_only_extra_graphs():
+    """Known limit, pinned: the sampled tensors have k or k - 1 rows, and the contiguity checks
+    of their meta functions and lowerings guard on ``k >= 2`` and ``k - 1 >= 2``.  So N whose k
+    falls to 1 or 2 gets a graph of its own (at most two extra, whatever the number of
+    shapes); every N with k >= 3 shares one graph.  Plain torch.compile specialises only
+    N = 0 and 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    sizes = (40, 9, 2, 5, 33)
+
+    def frames(backend):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(backend)
+        compiled = torch.compile(model, backend=counter, dynamic=True)
+        for n in sizes:
+            accumulated_grads(model, compiled, [batch(n)])
+        return counter.frame_count
+
+    ref = frames("inductor")
+    assert frames(wtacrs_compile.backend(ratio=0.3, mode="all")) <= ref + 2
+    # min_k = 3: k < 3 only where N < 3 itself.
+    assert frames(wtacrs_compile.backend(ratio=0.3, min_k=3, mode="all")) <= ref + 1
+
+
 # --------------------------------------------------------------------------------------
 # Bad input
 
