@@ -13,6 +13,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from .config import WTACRSConfig
+from .feedback import GradNormCache
 from .graph_utils import saved_set
 from .passes.joint_pass import WTACRSJointPass
 from .report import CompileReport, _log
@@ -33,6 +34,12 @@ class WTACRSBackend:
             raise TypeError(f"wtacrs: config must be a WTACRSConfig, got {type(config).__name__}")
         self.config = config
         self.reports: List[CompileReport] = []
+        self.feedback = GradNormCache()  # used when config.grad_norm_feedback
+
+    def example_ids(self, ids):
+        """``with backend.example_ids(batch_ids): loss = model(batch)``: the ids of the batch's
+        examples (first dimension), for ``grad_norm_feedback``; see :mod:`.feedback`."""
+        return self.feedback.example_ids(ids)
 
     def __repr__(self) -> str:
         return f"WTACRSBackend({self.config!r})"
@@ -57,7 +64,8 @@ class WTACRSBackend:
         # inlines nn.Modules and lifts their parameters and buffers to inputs, marked static.
         static = tuple(i for i, t in enumerate(example_inputs) if _is_static_input(t))
         params = frozenset(f"primals_{i + 1}" for i in static)
-        joint_pass = WTACRSJointPass(config, params, static, report)
+        feedback = self.feedback if config.grad_norm_feedback else None
+        joint_pass = WTACRSJointPass(config, params, static, report, feedback, graph_tag=len(self.reports) - 1)
 
         forward_graphs: List[torch.fx.GraphModule] = []
 

@@ -333,6 +333,9 @@ class WTACRSConfig:
     ops: which op kinds the backend matches at all.
     pack_masks: store the boolean masks saved for backward (ReLU, dropout) as packed bits;
         lossless, 8x smaller.
+    grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
+        ``||g_i||`` cached from the same example's previous step (ids given with
+        ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
     """
 
     ratio: float = 0.3
@@ -343,6 +346,7 @@ class WTACRSConfig:
     keep_heads_exact: bool = True
     ops: tuple = ("linear", "bmm")
     pack_masks: bool = True
+    grad_norm_feedback: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -359,7 +363,7 @@ class WTACRSConfig:
             except ValueError as e:  # say which rule of the list
                 raise ValueError(str(e).replace("wtacrs config: ", f"wtacrs config: rules[{i}]: ", 1)) from None
         object.__setattr__(self, "rules", tuple(parsed))
-        for flag in ("keep_heads_exact", "pack_masks"):
+        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)

@@ -31,6 +31,7 @@ class OpRecord:
     rules: List[int] = field(default_factory=list)  # indices of the config rules that matched
     annotation: Dict[str, Any] = field(default_factory=dict)  # wtacrs_compile.annotate settings (applied after rules)
     shared_draw_with: Optional[str] = None  # sibling op whose forward draw this op reuses
+    grad_norm_feedback: bool = False  # its draw reads cached ||g_i|| (config.grad_norm_feedback)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,10 +14,11 @@ serves a graph compiled under other settings.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import pathlib
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -57,8 +58,12 @@ class WTACRSJointPass(CustomGraphPass):
         params: FrozenSet[str],
         static_input_indices: Tuple[int, ...],
         report: CompileReport,
+        feedback=None,
+        graph_tag: int = 0,
     ) -> None:
         self.config = config
+        self.feedback = feedback  # a feedback.GradNormCache when config.grad_norm_feedback
+        self.graph_tag = graph_tag
         self.params = frozenset(params)
         self.static_input_indices = list(static_input_indices)
         self.report = report
@@ -68,6 +73,8 @@ class WTACRSJointPass(CustomGraphPass):
         h.update(source_hash().encode())
         h.update(self.config.fingerprint().encode())
         h.update(",".join(sorted(self.params)).encode())
+        if self.feedback is not None:  # the cache's name and the graph's number are baked in
+            h.update(f"{self.feedback.name}:{self.graph_tag}".encode())
         return h.hexdigest()
 
     # ----------------------------------------------------------------------------------
@@ -175,6 +182,12 @@ class WTACRSJointPass(CustomGraphPass):
         draws: Dict[tuple, tuple] = {}
         shared: Dict[str, str] = {}
         self._sample_rows: Dict[str, str] = {}  # site -> the forward sample node it reads
+        self._feedback_sites: Set[str] = set()  # sites whose draw reads the gradient-norm cache
+        # Feedback only for a draw one site reads: the cached ||g_i|| of one of several
+        # gradients (Q/K/V share their input's draw) can be ~0 where another's is not.
+        readers = collections.Counter(
+            site.x_key for site in sites if assign[site.node] == plan_memory.MEMORY and site.kind != "bmm"
+        )
         for site in sites:
             s = settings[site.node]
             # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
@@ -183,14 +196,27 @@ class WTACRSJointPass(CustomGraphPass):
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
                 key = (site.x_key, k, s.deterministic)
+                # Gradient-norm feedback (linear layers): the draw reads the cached norms, the
+                # site that owns the draw writes this step's.
+                fb = None
+                if self.feedback is not None and not bmm and readers[site.x_key] == 1:
+                    # the graph's number too: node names repeat across graph-break pieces
+                    fb = self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}")
                 if key not in draws:
-                    draw = draw_bmm_forward_sample if bmm else draw_forward_sample
-                    draws[key] = (draw(graph, node, site, k, s.deterministic, cache), site.node)
+                    if bmm:
+                        draws[key] = (draw_bmm_forward_sample(graph, node, site, k, s.deterministic, cache), site.node)
+                    else:
+                        draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache, fb), site.node)
                 else:
                     shared[site.node] = draws[key][1]
+                    fb = None
                 self._sample_rows[site.node] = draws[key][0].rows.name
-                rewrite = rewrite_bmm_with_forward_sample if bmm else rewrite_with_forward_sample
-                rewrite(graph, node, site, draws[key][0], cache)
+                if fb is not None:
+                    self._feedback_sites.add(site.node)
+                if bmm:
+                    rewrite_bmm_with_forward_sample(graph, node, site, draws[key][0], cache)
+                else:
+                    rewrite_with_forward_sample(graph, node, site, draws[key][0], cache, fb)
             else:
                 rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
                 rewrite(graph, node, site, k, s.deterministic, cache)
@@ -238,4 +264,5 @@ class WTACRSJointPass(CustomGraphPass):
             rules=list(s.rules),
             annotation=dict(s.annotation),
             shared_draw_with=shared.get(site.node),
+            grad_norm_feedback=site.node in getattr(self, "_feedback_sites", ()),
         )

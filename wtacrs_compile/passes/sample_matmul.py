@@ -78,17 +78,29 @@ def _apply(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
 
 
 def draw_forward_sample(
-    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+    graph: fx.Graph,
+    node: fx.Node,
+    site: MatmulSite,
+    k: int,
+    deterministic,
+    cache: Optional[dict] = None,
+    feedback: Optional[str] = None,
 ) -> ForwardSample:
-    """Insert the forward draw for ``site``'s activation; tag its outputs MUST_SAVE."""
+    """Insert the forward draw for ``site``'s activation; tag its outputs MUST_SAVE.
+
+    ``feedback``: a :mod:`~wtacrs_compile.feedback` cache key; scores become
+    ``||x_i|| * cached ||g_i||``."""
     x, _, x_t, _ = _x_and_g(node, site, graph)
 
     def sample(x_in):
         rows = _as_rows(x_in, x_t)
-        idx, w = wtacrs_sample(row_norms(rows), _k(k, rows), deterministic)
+        scores = row_norms(rows)
+        if feedback is not None:
+            scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
+        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic)
         return idx, w, rows[idx]
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic))
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, feedback))
     anchor = x.next if x.op == "placeholder" else x.next
     meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
     idx, w, rows = insert_graph(graph, sub, [x], before=_first_non_placeholder(graph, anchor), meta=meta)
@@ -127,18 +139,29 @@ def _replace(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
 
 
 def rewrite_with_forward_sample(
-    graph: fx.Graph, node: fx.Node, site: MatmulSite, sample: ForwardSample, cache: Optional[dict] = None
+    graph: fx.Graph,
+    node: fx.Node,
+    site: MatmulSite,
+    sample: ForwardSample,
+    cache: Optional[dict] = None,
+    feedback: Optional[str] = None,
 ) -> None:
-    """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample."""
+    """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample.
+
+    ``feedback``: also store this step's ``||g_i||`` in the feedback cache."""
     _, g, _, g_t = _x_and_g(node, site, graph)
 
     def estimate(g_in, idx, w, xs):
         rows = _as_rows(g_in, g_t)
-        gs = (rows[idx].float() * w.unsqueeze(-1)).to(rows.dtype)
-        return _apply(gs, xs, site.x_side)
+        scaled = rows[idx].float() * w.unsqueeze(-1)
+        if feedback is not None:  # adds a zero the compiler cannot fold: keeps the write alive
+            scaled = scaled + torch.ops.wtacrs.gnorm_write(row_norms(rows), feedback)
+        return _apply(scaled.to(rows.dtype), xs, site.x_side)
 
     args = [g, sample.idx, sample.weight, sample.rows]
-    sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("fwd_estimate", g_t, site.x_side))
+    sub = trace(
+        estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("fwd_estimate", g_t, site.x_side, feedback)
+    )
     out = insert_graph(graph, sub, args, before=node, meta=_backward_meta(node))
     _replace(graph, node, out)
 

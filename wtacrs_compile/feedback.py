@@ -1,0 +1,160 @@
+"""Gradient-norm feedback (opt-in): the paper's probabilities ``p_i ∝ ||x_i|| * ||g_i||`` for
+the forward draw, with ``||g_i||`` cached from the previous step of the same example.
+
+Design
+------
+In the forward pass ``g`` is unknown; the paper reuses the gradient-row norms the same
+training example had the last time it was seen.  The compiled graphs cannot take new inputs
+from a joint-graph pass, so the cache is reached through two opaque custom ops:
+
+* ``wtacrs::gnorm_read(rows, key)`` in the forward draw: the cached ``||g_i||`` of the rows of
+  the current batch, float32, shape ``(N,)``;
+* ``wtacrs::gnorm_write(g_rows, key)`` in backward, next to the estimate that reads the
+  draw: stores ``||g_i||`` for the same rows.  Its output, one zero the compiler cannot
+  fold, is added to the estimate so that the call is never dead code.
+
+``key`` names a :class:`GradNormCache` (kept by its backend, found through a weak registry)
+and the sampled site.  Rows map to examples by the ids the user gives for the batch::
+
+    b = wtacrs_compile.backend(ratio=0.3, grad_norm_feedback=True)
+    model = torch.compile(model, backend=b)
+    with b.example_ids(batch["idx"]):          # one id per example (first dim of the batch)
+        loss = model(**batch).loss
+    loss.backward()
+
+A site's ``N`` rows are ``B`` examples times ``S`` positions (``N = B * S``): row ``r`` is
+position ``r % S`` of example ``ids[r // S]``.  The cache holds one float16 per (example,
+position, site): 2 bytes, grown on demand.
+
+Correctness never rests on the cache.  Any ``p`` with ``p_i > 0`` where ``x_i g_i^T != 0`` is
+unbiased, so every cached norm gets a tenth of the batch's mean added (a defensive mixture:
+a row whose gradient was ~0 last step and is not now keeps a fair chance, and its weight
+stays bounded), rows never seen take the mean, and without ids (or when ``N`` is not a multiple of the batch, or the ids
+do not fit) the read returns ones: the plain ``||x_i||`` draw.  A wrong or stale cache costs
+variance, never bias.  Only draws one site reads use the cache: Q, K and V share their
+input's draw, and one projection's cached norms say nothing about the others' (a padded key
+has no value gradient but its query has one).  Writes pair with the ids of the forward pass that read the cache (a
+FIFO per site, so gradient accumulation's forward-forward-backward-backward orders work).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import weakref
+from typing import Deque, Dict, Optional
+
+import torch
+
+DEFENSIVE = 0.1  # p ∝ ||x_i|| (ĝ_i + DEFENSIVE * mean ĝ): p_i > 0, weights at most ~1/DEFENSIVE x the plain draw's
+_QUEUE = 64  # pending forward reads per site without a backward (eval with grad on): capped
+
+_CACHES: "weakref.WeakValueDictionary[str, GradNormCache]" = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+class GradNormCache:
+    """Per-example gradient-row norms of every sampled site of one backend."""
+
+    def __init__(self) -> None:
+        self.name = f"c{next(_IDS)}"
+        _CACHES[self.name] = self
+        self._ids: Optional[torch.Tensor] = None
+        self._norms: Dict[str, torch.Tensor] = {}  # site -> (num_ids, S) float16, NaN = unseen
+        self._pending: Dict[str, Deque[Optional[torch.Tensor]]] = {}
+
+    def key(self, site: str) -> str:
+        return f"{self.name}|{site}"
+
+    @contextlib.contextmanager
+    def example_ids(self, ids):
+        """Set the example ids of the batch the next forward passes run on."""
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(
+                f"wtacrs: example_ids must be a 1-D integer tensor, one id per example; got "
+                f"shape {tuple(ids.shape)} {ids.dtype}"
+            )
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError("wtacrs: example_ids must be non-negative")
+        before, self._ids = self._ids, ids.detach().to("cpu", torch.int64)
+        try:
+            yield self
+        finally:
+            self._ids = before
+
+    def _rows(self, n: int, ids: Optional[torch.Tensor]):
+        if ids is None or ids.numel() == 0 or n % ids.numel():
+            return None
+        return n // ids.numel()
+
+    def read(self, site: str, n: int, device) -> torch.Tensor:
+        ids = self._ids
+        queue = self._pending.setdefault(site, collections.deque(maxlen=_QUEUE))
+        queue.append(ids)
+        s = self._rows(n, ids)
+        table = self._norms.get(site)
+        if s is None or table is None:
+            return torch.ones(n, dtype=torch.float32, device=device)
+        vals = torch.full((ids.numel(), s), float("nan"))
+        known = ids < table.shape[0]
+        width = min(s, table.shape[1])
+        vals[known, :width] = table[ids[known], :width].float()
+        seen = ~torch.isnan(vals)
+        if not bool(seen.any()):
+            return torch.ones(n, dtype=torch.float32, device=device)
+        mean = vals[seen].mean().clamp_min(torch.finfo(torch.float32).tiny)
+        vals = torch.where(seen, vals, mean) + DEFENSIVE * mean
+        return vals.reshape(n).to(device)
+
+    def write(self, site: str, gnorms: torch.Tensor) -> None:
+        queue = self._pending.get(site)
+        ids = queue.popleft() if queue else None
+        s = self._rows(gnorms.numel(), ids)
+        if s is None:
+            return
+        table = self._norms.get(site)
+        need_rows, need_cols = int(ids.max()) + 1, s
+        if table is None or table.shape[0] < need_rows or table.shape[1] < need_cols:
+            rows = max(need_rows, 0 if table is None else table.shape[0])
+            cols = max(need_cols, 0 if table is None else table.shape[1])
+            grown = torch.full((rows, cols), float("nan"), dtype=torch.float16)
+            if table is not None:
+                grown[: table.shape[0], : table.shape[1]] = table
+            table = self._norms[site] = grown
+        table[ids, :s] = gnorms.detach().float().reshape(-1, s).cpu().clamp_max(6e4).half()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._norms.values())
+
+
+def _lookup(key: str):
+    name, site = key.split("|", 1)
+    return _CACHES.get(name), site
+
+
+@torch.library.custom_op("wtacrs::gnorm_read", mutates_args=())
+def gnorm_read(rows: torch.Tensor, key: str) -> torch.Tensor:
+    cache, site = _lookup(key)
+    if cache is None:
+        return torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
+    return cache.read(site, rows.shape[0], rows.device)
+
+
+@gnorm_read.register_fake
+def _(rows, key):
+    return rows.new_empty((rows.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("wtacrs::gnorm_write", mutates_args=())
+def gnorm_write(gnorms: torch.Tensor, key: str) -> torch.Tensor:
+    cache, site = _lookup(key)
+    if cache is not None:
+        cache.write(site, gnorms)
+    return gnorms.new_zeros((1,))
+
+
+@gnorm_write.register_fake
+def _(gnorms, key):
+    return gnorms.new_empty((1,))
