@@ -1,6 +1,6 @@
 """Plots from the results files: one point per configuration.
 
-    python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_minilm.png
+    python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_{minilm,fmnist}.png
 
 memory_time-<model>.png: saved-activation bytes (x) against step time as a ratio to Inductor
 (y), and peak step RSS (x) against the same; accuracy_minilm.png: MiniLM test accuracy (y)
@@ -59,7 +59,8 @@ def plot_memory(path: Path) -> Path:
     return out
 
 
-def plot_accuracy(acc_path: Path, mem_path: Path) -> Path:
+def plot_accuracy(acc_path: Path, mem_path: Path,
+                  title: str = "MiniLM on movie-review sentences: accuracy vs activation memory") -> Path:
     acc = json.loads(acc_path.read_text())
     mem = json.loads(mem_path.read_text()) if mem_path.exists() else None
     saved = {}
@@ -76,7 +77,7 @@ def plot_accuracy(acc_path: Path, mem_path: Path) -> Path:
         ax.annotate(label, (x, s["mean"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("saved activations, MiniLM memory run (MiB)" if saved else "configuration")
     ax.set_ylabel("test accuracy % (mean +- std over seeds)")
-    ax.set_title("MiniLM on movie-review sentences: accuracy vs activation memory")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = acc_path.with_suffix(".png")
@@ -91,6 +92,9 @@ def main() -> None:
     acc = RESULTS / "accuracy_minilm.json"
     if acc.exists():
         print(plot_accuracy(acc, RESULTS / "memory_time-minilm.json"))
+    acc = RESULTS / "accuracy_fmnist.json"
+    if acc.exists():  # no memory run of this small ViT: one column per configuration
+        print(plot_accuracy(acc, RESULTS / "none.json", "small ViT on Fashion-MNIST: accuracy per configuration"))
 
 
 if __name__ == "__main__":

@@ -36,3 +36,30 @@ def test_table_from_results_file(tmp_path):
     assert "| wtacrs r=0.3 | 1.0 |" in text and "| 1/0/1 |" in text
     assert "failed: Boom: x" in text
     assert "reduced 4.00x against eager, 2.00x against Inductor" in text
+
+
+def test_accuracy_tables_for_both_tasks(tmp_path):
+    machine = {"device": "cpu", "torch": "2.14.1"}
+    summary = {
+        "exact (inductor)": {"seeds": [0, 1], "accuracies": [0.80, 0.82], "mean": 0.81, "std": 0.0141},
+        "wtacrs r=0.3": {"seeds": [0, 1], "accuracies": [0.79, 0.80], "mean": 0.795, "std": 0.0071,
+                         "gap_to_exact": -0.015, "gap_std": 0.0071},
+    }
+    runs = [{"config": "wtacrs r=0.1", "seed": 0, "status": "failed", "error": "Boom: y"}]
+    (tmp_path / "accuracy_minilm.json").write_text(json.dumps({
+        "benchmark": "accuracy_minilm", "command": "python benchmarks/accuracy_minilm.py --seeds 0 1",
+        "machine": machine, "time": "t", "summary": summary, "runs": runs,
+        "task": {"train": 3000, "test": 1000, "max_len": 64, "batch": 32, "optimizer": "AdamW",
+                 "epochs": 1, "accuracy_before_finetuning": 0.5},
+    }))
+    (tmp_path / "accuracy_fmnist.json").write_text(json.dumps({
+        "benchmark": "accuracy_fmnist", "command": "python benchmarks/accuracy_fmnist.py --seeds 0 1",
+        "machine": machine, "time": "t", "summary": summary, "runs": [],
+        "task": {"model": "tiny ViT", "train": 20000, "test": 2000, "batch": 128, "optimizer": "AdamW",
+                 "epochs": 3},
+    }))
+    text = report.generate(tmp_path)
+    assert text.index("movie-review") < text.index("Fashion-MNIST")
+    assert "`python benchmarks/accuracy_fmnist.py --seeds 0 1`" in text
+    assert text.count("| wtacrs r=0.3 | 79.50 +- 0.71 | 0, 1 | 79.0, 80.0 | -1.50 +- 0.71 |") == 2
+    assert "| wtacrs r=0.1 (seed 0) | failed: Boom: y |" in text
