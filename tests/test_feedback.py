@@ -107,6 +107,7 @@ def test_example_ids_must_be_one_integer_per_example():
         wtacrs_compile.WTACRSConfig(grad_norm_feedback="yes")
 
 
+@pytest.mark.slow  # four BERT compiles and 120 draws: a measurement, run with -m slow
 def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     """BERT (2 layers) on padded batches of a fixed 16-example set, one epoch of training with
     feedback, then at the trained weights: the variance of each sampled weight gradient on one

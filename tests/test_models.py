@@ -193,7 +193,14 @@ def _compile_once(model, backend, inputs):
     return compiled, grad, seen
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# peft's LoRA BERT is the slowest case (two layers, adapters); LoRA written as plain
+# nn.Linear pairs stays in the default run (test_plain_lora_pairs_...).
+SLOW = {"lora-bert-peft"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES]
+)
 def test_model(name):
     case = CASES[name]
     torch.manual_seed(0)
