@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import wtacrs_compile
 
+from tiny_models import tiny_bert_classifier
 from stats import assert_unbiased
 
 
@@ -114,15 +115,9 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     batch, with the cache as the epoch left it (restored before every draw) vs the plain draw.
     Linears whose input draw is shared (Q, K, V) do not use the cache.  Reported, and the
     feedback estimates checked unbiased; the numbers go to docs/training.md."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
-        problem_type="single_label_classification",
-    )
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(cfg)
+    model = tiny_bert_classifier(layers=2)
     gen = torch.Generator().manual_seed(0)
     n_ex, bsz, seq = 8, 4, 16
     input_ids = torch.randint(1, 100, (n_ex, seq), generator=gen)

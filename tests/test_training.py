@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 import wtacrs_compile
 
+from tiny_models import tiny_bert_classifier
 from stats import assert_unbiased
 
 DRAWS = 300
@@ -521,15 +522,9 @@ def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_err
 def test_hf_bert_trains_under_bf16_autocast():
     """A real model under CPU autocast: every encoder linear and attention bmm is found
     through the casts, sampled in bf16 with float32 sampling math, and the loss falls."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
-        problem_type="single_label_classification",
-    )
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(cfg)
+    model = tiny_bert_classifier(layers=1)
     gen = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(1, 100, (4, 16), generator=gen), torch.tensor([0, 1, 0, 1])
     b = wtacrs_compile.backend(ratio=0.3, mode="all")
