@@ -126,7 +126,7 @@ def main():
             torch._dynamo.reset()
             out = {
                 "benchmark": "accuracy_fmnist",
-                "command": "python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:]),
+                "command": common.merged_command("benchmarks/accuracy_fmnist.py", runs, sys.argv[1:]),
                 "machine": common.machine(),
                 "task": {"data": "Fashion-MNIST (Debian dataset-fashion-mnist)", "train": args.train,
                          "test": args.test, "batch": args.batch, "epochs": args.epochs,

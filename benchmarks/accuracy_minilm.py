@@ -4,11 +4,13 @@ hyper-parameters for every configuration.
 
     bash benchmarks/fetch_data.sh                      # once: weights + sentences into .cache/
     python benchmarks/accuracy_minilm.py --seeds 0 1 2   # -> results/accuracy_minilm.json
+    python benchmarks/accuracy_minilm.py --train 1500 --epochs 2 --out results/accuracy_minilm-2epochs.json \
+        --configs "exact (inductor)" "wtacrs r=0.3" "wtacrs r=0.3 feedback"   # feedback needs a previous epoch
 
 Data: movieReviewSnippets_GroundTruth.txt from the vaderSentiment 3.3.2 source archive
 (Rotten Tomatoes snippets, label = sign of the mean rating, zeros dropped), shuffled with a
 fixed data seed; 3,000 train / 1,000 test sentences, max length 64 (padded: static shapes),
-batch 32 (the last incomplete batch dropped: 93 steps), AdamW lr 5e-5, one epoch.  The
+batch 32 (the last incomplete batch dropped: 93 steps), AdamW lr 5e-5, one epoch (--epochs).  The
 training seed (classifier init, dropout, shuffling order, the sampler's draws) is --seeds.
 Test accuracy is measured in eval mode with the exact forward (wtacrs changes only weight
 gradients).
@@ -17,6 +19,7 @@ gradients).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -39,7 +42,10 @@ CONFIGS = {
     "wtacrs r=0.1": {"kind": "wtacrs", "ratio": 0.1, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
     "wtacrs r=0.1 all": {"kind": "wtacrs", "ratio": 0.1, "mode": "all"},
+    # the paper's gradient-norm feedback: needs a previous epoch to have cached norms
+    "wtacrs r=0.3 feedback": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "feedback": True},
 }
+DEFAULT_CONFIGS = [c for c in CONFIGS if c not in ("wtacrs r=0.1 all", "wtacrs r=0.3 feedback")]
 
 
 def load_sentences(n_train: int, n_test: int, data_seed: int = 0):
@@ -89,18 +95,24 @@ def train_one(name, cfg, seed, base_state, tokenized, args):
     model = common.WithLoss(hf, "hf").train()
     fn, rec = common.compile_config(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    steps = len(ids) // args.batch
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = len(ids) // args.batch
+    steps = per_epoch * args.epochs
     torch.manual_seed(seed)  # dropout and the sampler's draws
     t0 = time.perf_counter()
     losses = []
-    for s in range(steps):
-        idx = order[s * args.batch:(s + 1) * args.batch]
-        opt.zero_grad(set_to_none=True)
-        loss = fn(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    for _ in range(args.epochs):
+        order = torch.randperm(len(ids), generator=gen)
+        for s in range(per_epoch):
+            idx = order[s * args.batch:(s + 1) * args.batch]
+            opt.zero_grad(set_to_none=True)
+            # feedback: the batch's example ids key the cached gradient-row norms
+            ctx = rec.wtacrs.example_ids(idx) if cfg.get("feedback") else contextlib.nullcontext()
+            with ctx:
+                loss = fn(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     train_s = time.perf_counter() - t0
     acc = evaluate(model, tids, tmask, tlabels)
     out = {"config": name, "seed": seed, "accuracy": acc, "train_s": train_s, "steps": steps,
@@ -115,7 +127,8 @@ def train_one(name, cfg, seed, base_state, tokenized, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "wtacrs r=0.1 all"])
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--max-len", type=int, default=64)
@@ -137,6 +150,10 @@ def main():
 
     out_path = Path(args.out)
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    task = previous.get("task", {})
+    if task and (task.get("train"), task.get("test"), task.get("max_len"), task.get("batch"), task.get("epochs", 1)) != (
+            args.train, args.test, args.max_len, args.batch, args.epochs):
+        raise SystemExit(f"{out_path} holds runs of another task setting ({task}); pass --out for a new file")
     runs = [r for r in previous.get("runs", [])
             if not (r["seed"] in args.seeds and r["config"] in args.configs)]
     hf0 = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -157,11 +174,11 @@ def main():
             summary = summarize(runs)
             out = {
                 "benchmark": "accuracy_minilm",
-                "command": "python benchmarks/accuracy_minilm.py " + " ".join(sys.argv[1:]),
+                "command": common.merged_command("benchmarks/accuracy_minilm.py", runs, sys.argv[1:]),
                 "machine": common.machine(),
                 "task": {"data": "movieReviewSnippets_GroundTruth.txt (vaderSentiment 3.3.2 sdist)",
                          "sentences": total, "train": args.train, "test": args.test, "max_len": args.max_len,
-                         "batch": args.batch, "optimizer": f"AdamW lr={args.lr}", "epochs": 1,
+                         "batch": args.batch, "optimizer": f"AdamW lr={args.lr}", "epochs": args.epochs,
                          "accuracy_before_finetuning": pre},
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "summary": summary,

@@ -26,6 +26,27 @@ REVIEWS = CACHE / "movieReviewSnippets_GroundTruth.txt"
 # The machine
 
 
+def merged_command(script: str, runs: List[Dict[str, Any]], argv: List[str]) -> str:
+    """The one command that reproduces every run in a results file that several invocations
+    filled (each merges its runs into the file): this invocation's options with the union of
+    the seeds and configurations the file holds."""
+    import shlex
+
+    seeds = sorted({r["seed"] for r in runs})
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    rest, skip = [], False
+    for a in argv:
+        if a in ("--seeds", "--configs"):
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    return " ".join(["python", script, *map(shlex.quote, rest), "--seeds", *map(str, seeds),
+                     "--configs", *map(shlex.quote, configs)])
+
+
 def machine() -> Dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -183,7 +204,8 @@ class Recorder:
         self.saved: List[Optional[int]] = []  # per graph
         self.wtacrs = None
         if cfg["kind"] == "wtacrs":
-            self.wtacrs = wtacrs_backend(ratio=cfg["ratio"], mode=cfg.get("mode", "memory"))
+            self.wtacrs = wtacrs_backend(ratio=cfg["ratio"], mode=cfg.get("mode", "memory"),
+                                         grad_norm_feedback=cfg.get("feedback", False))
 
     def __call__(self, gm, example_inputs, **kwargs):
         budget = self.cfg.get("budget")

@@ -74,7 +74,8 @@ def accuracy_table(res: Dict[str, Any]) -> str:
     else:
         title = "MiniLM (real weights) fine-tuned on movie-review sentences"
         task = (f"{t['train']} train / {t['test']} test sentences, max length {t['max_len']}, batch {t['batch']}, "
-                f"{t['optimizer']}, {t['epochs']} epoch; {t['accuracy_before_finetuning'] * 100:.1f}% before fine-tuning.")
+                f"{t['optimizer']}, {t['epochs']} epoch{'s' if t['epochs'] > 1 else ''}; "
+                f"{t['accuracy_before_finetuning'] * 100:.1f}% before fine-tuning.")
     lines = [
         f"#### {title}",
         "",
@@ -101,8 +102,7 @@ def generate(results: Path = RESULTS) -> str:
     files = {p.stem.split("-", 1)[1]: p for p in results.glob("memory_time-*.json")}
     for name in sorted(files, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else 99, n)):
         parts.append(memory_table(json.loads(files[name].read_text())))
-    for name in ("accuracy_minilm.json", "accuracy_fmnist.json"):
-        acc = results / name
+    for acc in sorted(results.glob("accuracy_minilm*.json")) + [results / "accuracy_fmnist.json"]:
         if acc.exists():
             parts.append(accuracy_table(json.loads(acc.read_text())))
     return "\n\n".join(parts) + "\n"

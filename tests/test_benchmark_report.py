@@ -63,3 +63,18 @@ def test_accuracy_tables_for_both_tasks(tmp_path):
     assert "`python benchmarks/accuracy_fmnist.py --seeds 0 1`" in text
     assert text.count("| wtacrs r=0.3 | 79.50 +- 0.71 | 0, 1 | 79.0, 80.0 | -1.50 +- 0.71 |") == 2
     assert "| wtacrs r=0.1 (seed 0) | failed: Boom: y |" in text
+
+
+def test_results_file_filled_by_several_runs_records_one_command_for_all():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from common import merged_command
+
+    runs = [{"seed": 0, "config": "exact (inductor)"}, {"seed": 2, "config": "wtacrs r=0.3"},
+            {"seed": 0, "config": "wtacrs r=0.3"}]
+    argv = ["--seeds", "2", "--out", "r.json", "--configs", "wtacrs r=0.3", "--epochs", "2"]
+    assert merged_command("benchmarks/accuracy_minilm.py", runs, argv) == (
+        "python benchmarks/accuracy_minilm.py --out r.json --epochs 2 --seeds 0 2 "
+        "--configs 'exact (inductor)' 'wtacrs r=0.3'"
+    )
