@@ -125,6 +125,7 @@ def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, s
         cfg = transformers.T5Config(  # t5-base shape
             d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
             vocab_size=32128, attn_implementation="eager",
+            decoder_start_token_id=0, pad_token_id=0,  # t5-base's; transformers 5 has no default
         )
         if layers:
             cfg.num_layers = cfg.num_decoder_layers = layers
