@@ -270,7 +270,16 @@ def num_fwd_outputs(graph: fx.Graph) -> int:
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
-    return copy.deepcopy(graph)
+    """A deep copy that remembers the module owning the original: its ``get_attr`` targets
+    (lifted tensor constants, e.g. T5's ``_tensor_constant0``) must resolve when the copy is
+    partitioned, and a deep copy of a graph has no owning module."""
+    g = copy.deepcopy(graph)
+    g._wtacrs_root = _root_of(graph)
+    return g
+
+
+def _root_of(graph: fx.Graph) -> Optional[torch.nn.Module]:
+    return graph.owning_module if graph.owning_module is not None else getattr(graph, "_wtacrs_root", None)
 
 
 def partition_saved(graph: fx.Graph, static_input_indices: Optional[List[int]] = None) -> SavedSet:
@@ -278,7 +287,9 @@ def partition_saved(graph: fx.Graph, static_input_indices: Optional[List[int]] =
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     g = copy_graph(graph)
-    root = graph.owning_module if graph.owning_module is not None else torch.nn.Module()
+    root = _root_of(graph)
+    if root is None:
+        root = torch.nn.Module()
     gm = fx.GraphModule(root, g)
     fw, bw = min_cut_rematerialization_partition(
         gm,
