@@ -37,7 +37,7 @@ def plot_memory(path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in (
         (axes[0], "saved_bytes", "saved activations (MiB; eager: autograd saved tensors)"),
-        (axes[1], "peak_step_bytes", "peak RSS of one training step (MiB, fresh process)"),
+        (axes[1], "peak_step_bytes", "peak RSS of one training step minus RSS before it (MiB)"),
     ):
         for e in ok:
             if not e.get(key):

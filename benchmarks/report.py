@@ -102,7 +102,7 @@ def generate(results: Path = RESULTS) -> str:
     files = {p.stem.split("-", 1)[1]: p for p in results.glob("memory_time-*.json")}
     for name in sorted(files, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else 99, n)):
         parts.append(memory_table(json.loads(files[name].read_text())))
-    for acc in sorted(results.glob("accuracy_minilm*.json")) + [results / "accuracy_fmnist.json"]:
+    for acc in sorted(results.glob("accuracy_minilm*.json"), key=lambda p: (p.stem != "accuracy_minilm", p.name)) + [results / "accuracy_fmnist.json"]:
         if acc.exists():
             parts.append(accuracy_table(json.loads(acc.read_text())))
     return "\n\n".join(parts) + "\n"
