@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -59,10 +60,10 @@ def plot_memory(path: Path) -> Path:
     return out
 
 
-def plot_accuracy(acc_path: Path, mem_path: Path,
+def plot_accuracy(acc_path: Path, mem_path: Optional[Path],
                   title: str = "MiniLM on movie-review sentences: accuracy vs activation memory") -> Path:
     acc = json.loads(acc_path.read_text())
-    mem = json.loads(mem_path.read_text()) if mem_path.exists() else None
+    mem = json.loads(mem_path.read_text()) if mem_path is not None and mem_path.exists() else None
     saved = {}
     if mem:
         saved = {e["name"]: e for e in mem["results"] if e.get("saved_bytes")}
@@ -101,7 +102,7 @@ def main() -> None:
         print(plot_accuracy(acc, RESULTS / "memory_time-minilm.json"))
     acc = RESULTS / "accuracy_fmnist.json"
     if acc.exists():  # no memory run of this small ViT: one column per configuration
-        print(plot_accuracy(acc, RESULTS / "none.json", "small ViT on Fashion-MNIST: accuracy per configuration"))
+        print(plot_accuracy(acc, None, "small ViT on Fashion-MNIST: accuracy per configuration"))
 
 
 if __name__ == "__main__":

@@ -207,9 +207,8 @@ class WTACRSJointPass(CustomGraphPass):
                         draws[key] = (draw_bmm_forward_sample(graph, node, site, k, s.deterministic, cache), site.node)
                     else:
                         draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache, fb), site.node)
-                else:
+                else:  # never with fb: a draw with feedback has one reader
                     shared[site.node] = draws[key][1]
-                    fb = None
                 self._sample_rows[site.node] = draws[key][0].rows.name
                 if fb is not None:
                     self._feedback_sites.add(site.node)
