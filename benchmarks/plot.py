@@ -3,7 +3,9 @@
     python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_{minilm,fmnist}.png
 
 memory_time-<model>.png: saved-activation bytes (x) against step time as a ratio to Inductor
-(y), and peak step RSS (x) against the same; accuracy_minilm.png: MiniLM test accuracy (y)
+(y), and peak step RSS (x) against the same, with the exact frontier (Inductor under
+activation_memory_budget) and the wtacrs frontier (compute mode at the same budgets) drawn as
+lines and each point's spread over interleaved rounds as a vertical bar; accuracy_minilm*.png: MiniLM test accuracy (y)
 against saved-activation bytes of the MiniLM memory run (x) for the configurations both runs
 have, with the spread over seeds as error bars.
 """
@@ -27,9 +29,17 @@ def _color(e):
     kind = e["config"]["kind"]
     if kind == "inductor" and e["config"].get("budget") is not None:
         return "tab:cyan"
-    if kind == "wtacrs" and e["config"].get("mode") not in (None, "memory"):
+    if kind == "wtacrs" and e["config"].get("mode") in ("memory", "all"):
         return "tab:orange"
     return COLORS[kind]
+
+
+def _frontier(ax, entries, key, which, color, label):
+    """Connect one family's points (the exact budgets, or wtacrs's) in order of bytes."""
+    pts = sorted((e[key] / 2**20, e["step_ratio_vs_inductor"]) for e in entries
+                 if e["config"].get("frontier") == which and e.get(key))
+    if len(pts) > 1:
+        ax.plot(*zip(*pts), color=color, lw=1, alpha=0.7, label=label)
 
 
 def plot_memory(path: Path) -> Path:
@@ -46,7 +56,13 @@ def plot_memory(path: Path) -> Path:
             x, y = e[key] / 2**20, e["step_ratio_vs_inductor"]
             ax.scatter(x, y, color=_color(e), s=40)
             ax.annotate(e["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if e.get("step_ratio_min_max"):  # the spread over interleaved rounds
+                lo, hi = e["step_ratio_min_max"]
+                ax.vlines(x, lo, hi, color=_color(e), lw=0.8, alpha=0.6)
+        _frontier(ax, ok, key, "exact", "tab:cyan", "exact: activation_memory_budget 1.0 / 0.5 / 0.3 / 0.1")
+        _frontier(ax, ok, key, "wtacrs", "tab:red", "wtacrs compute mode at the same budgets")
         ax.axhline(1.0, color="tab:blue", lw=0.5, ls="--")
+        ax.legend(fontsize=7, loc="upper right")
         ax.set_xlabel(label)
         ax.set_ylabel("median step time / Inductor's (same run)")
         ax.grid(alpha=0.3)
@@ -97,8 +113,7 @@ def plot_accuracy(acc_path: Path, mem_path: Optional[Path],
 def main() -> None:
     for p in sorted(RESULTS.glob("memory_time-*.json")):
         print(plot_memory(p))
-    acc = RESULTS / "accuracy_minilm.json"
-    if acc.exists():
+    for acc in sorted(RESULTS.glob("accuracy_minilm*.json")):
         print(plot_accuracy(acc, RESULTS / "memory_time-minilm.json"))
     acc = RESULTS / "accuracy_fmnist.json"
     if acc.exists():  # no memory run of this small ViT: one column per configuration

@@ -28,6 +28,14 @@ def _x(v: Optional[float]) -> str:
     return "" if v in (None, "") else f"{v:.2f}x"
 
 
+def _ratio(e: Dict[str, Any]) -> str:
+    """The median step-time ratio, with its spread over interleaved rounds when recorded."""
+    spread = e.get("step_ratio_min_max")
+    if spread and e["name"] != "inductor":
+        return f"{_x(e.get('step_ratio_vs_inductor'))} ({spread[0]:.2f}-{spread[1]:.2f})"
+    return _x(e.get("step_ratio_vs_inductor"))
+
+
 def memory_table(res: Dict[str, Any]) -> str:
     m, mach = res["model"], res["machine"]
     layers = f", layers reduced to {m['layers_reduced_to']}" if m.get("layers_reduced_to") else ""
@@ -36,7 +44,7 @@ def memory_table(res: Dict[str, Any]) -> str:
         "",
         f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, {res['time']})",
         "",
-        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor | compile s | max batch, saved acts <= "
+        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) | compile s | max batch, saved acts <= "
         f"{res['settings']['cap_gib']:g} GiB | ops memory/compute/exact |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -48,12 +56,12 @@ def memory_table(res: Dict[str, Any]) -> str:
         ops = (f"{e['ops_memory']}/{e['ops_compute']}/{e['ops_exact']}" if "ops" in e else "")
         lines.append(
             f"| {e['name']} | {saved} | {_x(e.get('saved_vs_inductor'))} | {_x(e.get('saved_vs_eager'))} | "
-            f"{_mib(e.get('peak_step_bytes'))} | {_x(e.get('step_ratio_vs_inductor'))} | "
+            f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} | "
             f"{e.get('compile_s', 0):.1f} | {e.get('max_batch_under_cap', '')} | {ops} |"
         )
     by = {e["name"]: e for e in res["results"] if e.get("saved_bytes")}
-    notes = []
-    for name in ("wtacrs r=0.3", "wtacrs r=0.3 all"):
+    notes = [f"Note: {res['note']}"] if res.get("note") else []
+    for name in ("wtacrs default", "wtacrs r=0.3", "wtacrs r=0.3 all"):
         if name in by and "eager" in by and "inductor" in by:
             notes.append(
                 f"`{name}`: activations reduced {by['eager']['saved_bytes'] / by[name]['saved_bytes']:.2f}x "
@@ -97,6 +105,39 @@ def accuracy_table(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def grad_error_table(res: Dict[str, Any]) -> str:
+    """Per-op relative weight-gradient error (benchmarks/grad_error.py), one column per draw."""
+    t, mach = res["task"], res["machine"]
+    configs = list(res["results"])
+    names = list(res["results"][configs[0]])
+    lines = [
+        "#### Weight-gradient error per op, MiniLM movie-review batch",
+        "",
+        f"`{res['command']}` ({mach['device']}, torch {mach['torch']}, {res['time']}); {t['model']}, batch "
+        f"{t['batch']} x {t['max_len']} ({t['padding_fraction'] * 100:.0f}% padding), ratio {t['ratio']}, "
+        f"{t['draws']} draws; relative error E ||dW_est - dW|| / ||dW|| against plain Inductor's exact gradient.",
+        "",
+        "| op | " + " | ".join(configs) + " |",
+        "| --- | " + " | ".join("---:" for _ in configs) + " |",
+    ]
+    # one row per kind of op: the mean over the layers of the stack
+    import re as _re
+
+    groups: Dict[str, List[str]] = {}
+    for n in names:
+        key = _re.sub(r"\.layer\.\d+\.", ".layer.#.", n.replace("model.bert.", "").replace(".weight", ""))
+        groups.setdefault(key, []).append(n)
+    for key, members in groups.items():
+        cells = []
+        for c in configs:
+            rows = [res["results"][c][m] for m in members]
+            mean = sum(r["rel_error"] for r in rows) / len(rows)
+            exact = all(r["decision"] == "exact" for r in rows)
+            cells.append(f"{mean:.3f}" + (" (exact)" if exact else ""))
+        lines.append(f"| {key} ({len(members)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def generate(results: Path = RESULTS) -> str:
     parts: List[str] = []
     files = {p.stem.split("-", 1)[1]: p for p in results.glob("memory_time-*.json")}
@@ -105,6 +146,8 @@ def generate(results: Path = RESULTS) -> str:
     for acc in sorted(results.glob("accuracy_minilm*.json"), key=lambda p: (p.stem != "accuracy_minilm", p.name)) + [results / "accuracy_fmnist.json"]:
         if acc.exists():
             parts.append(accuracy_table(json.loads(acc.read_text())))
+    for err in sorted(results.glob("grad_error-*.json")):
+        parts.append(grad_error_table(json.loads(err.read_text())))
     return "\n\n".join(parts) + "\n"
 
 

@@ -62,7 +62,7 @@ def test_both_operand_gradients_are_unbiased(kind, mode):
     module = MODULES[kind]()
     exact = _grads(torch.compile(module, backend="inductor"), a, b, target)
     torch._dynamo.reset()
-    backend = wtacrs_compile.backend(ratio=0.3, mode=mode)
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode=mode)
     compiled = torch.compile(module, backend=backend)
     torch.manual_seed(0)
     draws = [_grads(compiled, a, b, target) for _ in range(500)]
@@ -85,7 +85,7 @@ def test_the_check_detects_a_small_bias():
     """The same statistics reject the same draws scaled by 1.05: the check has power."""
     gen = torch.Generator().manual_seed(7)
     a, b, target, groups = _inputs("bmm", gen)
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(Bmm(), backend=backend)
     torch.manual_seed(0)
     draws = torch.stack([_grads(compiled, a, b, target)[0] for _ in range(500)])
@@ -118,7 +118,7 @@ def test_backward_uses_the_rows_drawn_in_forward(budget):
     model = Probe(b, n, m, d)
     x = torch.randn(b, n, d)
     target = torch.eye(n).expand(b, n, n)
-    backend = wtacrs_compile.backend(ratio=0.25, mode="all", rules=[{"op": "linear", "enabled": False}])
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.25, mode="all", rules=[{"op": "linear", "enabled": False}])
     patch = {"activation_memory_budget": budget} if budget else {}
     with torch._functorch.config.patch(patch):
         compiled = torch.compile(model, backend=backend)
@@ -154,7 +154,7 @@ def test_backward_uses_the_rows_drawn_in_forward(budget):
 def test_ratio_one_matches_inductor_bit_for_bit():
     gen = torch.Generator().manual_seed(1)
     a, b, target, _ = _inputs("matmul4d", gen)
-    backend = wtacrs_compile.backend(ratio=1.0, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=1.0, mode="all")
     ours = _grads(torch.compile(Matmul4d(), backend=backend), a, b, target)
     torch._dynamo.reset()
     ref = _grads(torch.compile(Matmul4d(), backend="inductor"), a, b, target)
@@ -166,7 +166,7 @@ def test_ratio_one_matches_inductor_bit_for_bit():
 def test_dynamic_shapes_fall_back_to_exact_with_a_reason():
     gen = torch.Generator().manual_seed(2)
     a, b, target, _ = _inputs("bmm", gen)
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(Bmm(), backend=backend, dynamic=True)
     got = _grads(compiled, a, b, target)
     want = _grads(Bmm(), a, b, target)
@@ -185,7 +185,7 @@ class Sdpa(nn.Module):
 def test_fused_sdpa_is_left_exact_and_says_why():
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     out = torch.compile(Sdpa(), backend=backend)(q, k, v)
     got = torch.autograd.grad(out.square().sum(), (q, k, v))
     want = torch.autograd.grad(Sdpa()(q, k, v).square().sum(), (q, k, v))
@@ -199,6 +199,6 @@ def test_fused_sdpa_is_left_exact_and_says_why():
 def test_bmm_kind_can_be_left_out():
     gen = torch.Generator().manual_seed(2)
     a, b, target, _ = _inputs("bmm", gen)
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all", ops=("linear",))
+    backend = wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all", ops=("linear",))
     _grads(torch.compile(Bmm(), backend=backend), a, b, target)
     assert backend.reports[0].ops == []

@@ -95,7 +95,7 @@ def _ddp(rank):
     torch.manual_seed(0)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
     model = MLP()
     ddp = DDP(model)
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all")
     compiled = torch.compile(ddp, backend=backend)
     torch.manual_seed(1000 + rank)  # each rank its own sampling stream
     out = {}
@@ -172,7 +172,7 @@ def _fsdp(rank):
     # exact, with plain Inductor too).
     torch.manual_seed(0)  # fully_shard does not broadcast: same seed, same weights
     model = nn.Sequential(Block(), Block())
-    backend = wtacrs_compile.backend(ratio=0.3, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all")
     for block in model:
         fully_shard(block)
         block.compile(backend=backend)

@@ -59,7 +59,7 @@ def test_feedback_is_unbiased_lowers_variance_and_is_compact():
     variance = {}
     for feedback in (False, True):
         torch._dynamo.reset()
-        b = wtacrs_compile.backend(ratio=0.2, mode="all", grad_norm_feedback=feedback)
+        b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
         compiled = torch.compile(model, backend=b)
         with b.example_ids(ids):
             weight_grads(model, compiled, x, t)  # the first step fills the cache
@@ -85,7 +85,7 @@ def test_feedback_without_ids_is_the_plain_draw_bit_for_bit():
 
     def run(feedback):
         torch._dynamo.reset()
-        b = wtacrs_compile.backend(ratio=0.2, mode="all", grad_norm_feedback=feedback)
+        b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
         compiled = torch.compile(model, backend=b)
         torch.manual_seed(3)
         return [weight_grads(model, compiled, x, t) for _ in range(3)], b
@@ -99,7 +99,7 @@ def test_feedback_without_ids_is_the_plain_draw_bit_for_bit():
 
 
 def test_example_ids_must_be_one_integer_per_example():
-    b = wtacrs_compile.backend(grad_norm_feedback=True)
+    b = wtacrs_compile.backend(memory_budget=None, grad_norm_feedback=True)
     for bad in (torch.ones(3), torch.zeros(2, 2, dtype=torch.long), torch.tensor([True]), torch.tensor([-1, 2])):
         with pytest.raises(ValueError, match="example_ids"):
             with b.example_ids(bad):
@@ -128,7 +128,7 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     def step(fn, sl):
         return fn(input_ids=input_ids[sl], attention_mask=mask[sl], labels=labels[sl]).loss
 
-    fb = wtacrs_compile.backend(ratio=0.3, mode="all", grad_norm_feedback=True)
+    fb = wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all", grad_norm_feedback=True)
     compiled = torch.compile(model, backend=fb)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for j in range(n_ex // bsz):
@@ -155,10 +155,10 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     torch._dynamo.reset()
     exact = grads(torch.compile(model, backend="inductor"))
     torch._dynamo.reset()
-    plain = torch.compile(model, backend=wtacrs_compile.backend(ratio=0.3, mode="all"))
+    plain = torch.compile(model, backend=wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all"))
     draws_plain = [grads(plain) for _ in range(60)]
     torch._dynamo.reset()
-    fb2 = wtacrs_compile.backend(ratio=0.3, mode="all", grad_norm_feedback=True)
+    fb2 = wtacrs_compile.backend(memory_budget=None, ratio=0.3, mode="all", grad_norm_feedback=True)
     with_fb = torch.compile(model, backend=fb2)
     draws_fb = []
     for _ in range(60):

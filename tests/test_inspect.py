@@ -250,14 +250,16 @@ def test_cli_mlp_golden_with_diff():
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
-    """One ``wtacrs-inspect bert --json --html`` run (the slow part), shared by the tests below."""
+    """One ``wtacrs-inspect bert --json --html`` run with attention bmms opted in (the slow
+    part), shared by the tests below."""
     pytest.importorskip("transformers")
     out_dir = tmp_path_factory.mktemp("inspect_bert")
     captured = []
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as mp:
         capture_compiled_graphs(mp, captured)
-        text = run_cli(["bert", "--json", str(out_dir / "bert.json"), "--html", str(out_dir / "bert.html")])
+        text = run_cli(["bert", "--options", '{"ops": ["linear", "bmm"]}',
+                        "--json", str(out_dir / "bert.json"), "--html", str(out_dir / "bert.html")])
     return types.SimpleNamespace(
         text=text,
         json=json.loads((out_dir / "bert.json").read_text()),

@@ -70,7 +70,7 @@ def plan_of(model, **options):
     """The plan ``mode="all"`` (every enabled op sampled in forward) makes for ``model``'s
     linear layers (attention bmms are left out unless ``ops`` says otherwise)."""
     options.setdefault("ops", ("linear",))
-    backend = wtacrs_compile.backend(mode="all", **options)
+    backend = wtacrs_compile.backend(memory_budget=None, mode="all", **options)
     run(model, backend, fullgraph=True)
     assert len(backend.reports) == 1
     return backend.reports[0]
@@ -175,13 +175,13 @@ def test_op_linear_also_selects_lora_adapters_and_config_ops_is_a_hard_filter():
 def test_heads_and_embeddings_are_exact_by_default_unless_a_rule_enables_them():
     cfg = WTACRSConfig()
     for fqn in ("classifier", "classifier.out_proj", "lm_head", "cls.predictions.decoder", "head.fc",
-                "qa_outputs", "score", "pre_classifier"):
+                "qa_outputs", "score", "pre_classifier", "bert.pooler.dense"):
         s = resolve(cfg, fqn)
         assert not s.enabled and "output head" in s.reason, fqn
     for fqn in ("bert.embeddings.projection", "embeddings_project", "model.embed_tokens.proj"):
         s = resolve(cfg, fqn)
         assert not s.enabled and "embedding" in s.reason, fqn
-    for fqn in ("bert.pooler.dense", "bert.encoder.layer.0.attention.self.query", "heads_mixer"):
+    for fqn in ("bert.encoder.layer.0.attention.self.query", "heads_mixer"):
         assert resolve(cfg, fqn).enabled, fqn
     # A rule that only sets a ratio does not enable a head; enabled=True does.
     assert not resolve(cfg.replace(rules=({"match": "classifier", "ratio": 0.5},)), "classifier").enabled
@@ -269,7 +269,7 @@ def test_bert_excluding_classifier_and_attention_output_leaves_exactly_those_exa
     ])
     assert {op.module for op in report.ops} == linears(model)
     exact = {op.module for op in report.ops if op.decision == "exact"}
-    assert exact == {"classifier", "bert.encoder.layer.0.attention.output.dense",
+    assert exact == {"classifier", "bert.pooler.dense", "bert.encoder.layer.0.attention.output.dense",
                      "bert.encoder.layer.1.attention.output.dense"}
     by_module = {op.module: op for op in report.ops}
     assert by_module["classifier"].rules == [0] and "disabled by rule 0" in by_module["classifier"].reason
@@ -285,14 +285,14 @@ def test_bert_first_six_layers_at_half_the_rest_at_a_tenth(plan_only):
     report = plan_of(model, ratio=0.1, rules=[{"match": "encoder.layer.[0-5].*", "ratio": 0.5}])
     assert {op.module for op in report.ops} == linears(model)
     for op in report.ops:
-        if op.module == "classifier":
+        if op.module in ("classifier", "bert.pooler.dense"):  # heads: exact by default
             assert op.decision == "exact"
             continue
         n = op.shapes["x"][0]
         layer = op.module.split(".")[3] if op.module.startswith("bert.encoder.layer.") else None
         if layer is not None and int(layer) <= 5:
             assert (op.ratio, op.k, op.rules) == (0.5, N // 2, [0]), op
-        else:  # layers 6, 7 and the pooler
+        else:  # layers 6, 7
             assert (op.ratio, op.k, op.rules) == (0.1, math.ceil(0.1 * n), []), op
         assert op.decision == "memory"
     assert sum(op.k == N // 2 for op in report.ops) == 6 * 6
@@ -363,7 +363,7 @@ def test_annotations_in_a_forward_reach_the_backward_matmuls_without_graph_break
         monkeypatch.setattr(joint_pass, "site_context", site_context)
     torch.manual_seed(0)
     model = Regions()
-    backend = wtacrs_compile.backend(ratio=0.125, mode="all")
+    backend = wtacrs_compile.backend(memory_budget=None, ratio=0.125, mode="all")
     x = torch.randn(64, 16)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     compiled(x).sum().backward()
@@ -386,7 +386,7 @@ def test_annotations_in_a_forward_reach_the_backward_matmuls_without_graph_break
 
 def test_typo_rule_warns_once_naming_the_rule_and_the_closest_modules(plan_only):
     model = tiny_bert(layers=2)
-    backend = wtacrs_compile.backend(mode="all", ratio=0.3, rules=[
+    backend = wtacrs_compile.backend(memory_budget=None, mode="all", ratio=0.3, rules=[
         {"match": "clasifier", "enabled": True},
         {"match": "encoder.layers.1.*", "ratio": 0.2},
         {"module_type": "BertSelfAtention", "ratio": 0.2},

@@ -150,7 +150,7 @@ def test_no_gradient_adds_nothing_and_equals_inductor(context):
         finally:
             model.train()
 
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     ours = run(b)
     ref = run("inductor")
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
@@ -165,7 +165,7 @@ def test_eval_with_grad_enabled_keeps_forward_outputs():
     model = net()
     model.eval()
     x, t = batch()
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     ours = torch.compile(model, backend=b)(x)
     torch._dynamo.reset()
     ref = torch.compile(model, backend="inductor")(x)
@@ -181,7 +181,7 @@ def test_gradient_accumulation_is_unbiased():
     model = net()
     batches = [batch(40, seed=1), batch(40, seed=2)]
     exact = exact_grads(model, batches)
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     samples = check_unbiased(model, compiled, batches, exact)
     assert len(b.reports) == 1, "one graph for both micro-batches (same shapes)"
@@ -199,7 +199,7 @@ def test_checkpoint_inside_the_model_is_unbiased(ckpt):
     model = net(ckpt=ckpt)
     batches = [batch(48)]
     exact = exact_grads(model, batches)
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     check_unbiased(model, compiled, batches, exact)
     records = [op for r in b.reports for op in r.ops]
@@ -225,7 +225,7 @@ def test_same_seed_gives_bitwise_identical_gradients_across_fresh_compiles():
 
     def run(seed):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=wtacrs_compile.backend(ratio=0.3, mode="all"))
+        compiled = torch.compile(model, backend=wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all"))
         torch.manual_seed(seed)
         return [accumulated_grads(model, compiled, batches) for _ in range(2)]
 
@@ -264,7 +264,7 @@ def test_autocast_samples_in_float32_unbiased_and_respects_min_k(dtype):
     torch._dynamo.reset()
     exact = run(torch.compile(model, backend="inductor"))
     torch._dynamo.reset()
-    b = wtacrs_compile.backend(ratio=0.1, min_k=12, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.1, min_k=12, mode="all")
     compiled = torch.compile(model, backend=b)
     samples = [run(compiled) for _ in range(200)]  # bf16 matmuls are slow on CPU
     report = b.reports[0]
@@ -338,20 +338,21 @@ def test_dynamic_shapes_compile_once_like_inductor_and_stay_unbiased(mode):
         return counter.frame_count, compiled
 
     ref, _ = frames("inductor")
-    b = wtacrs_compile.backend(ratio=0.3, min_k=3, mode=mode)
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, min_k=3, mode=mode)
     ours, compiled = frames(b)
     assert ours == ref == 1
     sampled_ops = sampled(b)
     assert sampled_ops, [(op.module, op.reason) for r in b.reports for op in r.ops]
-    for op in sampled_ops:
-        assert op.k == -1 and "follows it at run time" in op.reason, op.reason
+    for op in sampled_ops:  # k is reported at the traced N; the graph computes it from N
+        n = op.shapes["x"][0]
+        assert op.k == min(n, max(math.ceil(0.3 * n), 3)) and "follows it at run time" in op.reason, op.reason
     for op in (op for r in b.reports for op in r.ops if op.decision == "exact"):
         assert "symbolic" not in op.reason, op.reason  # exact only for the usual reasons
     # Unbiased at a size the graph was not traced at, with no recompile.
     batches = [batch(29 * scale, seed=3)]
     exact = exact_grads(model, batches)
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend(wtacrs_compile.backend(ratio=0.3, min_k=3, mode=mode))
+    counter = CompileCounterWithBackend(wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, min_k=3, mode=mode))
     compiled = torch.compile(model, backend=counter, dynamic=True)
     accumulated_grads(model, compiled, [batch(40 * scale)])
     samples = [accumulated_grads(model, compiled, batches) for _ in range(200)]
@@ -366,7 +367,7 @@ def test_dynamic_k_follows_n():
     estimator kept, at most k(N), and k(N) is reached, for every N of one dynamic graph."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 8, bias=False)
-    b = wtacrs_compile.backend(ratio=0.3, min_k=3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, min_k=3, mode="all")
     counter = CompileCounterWithBackend(b)
     compiled = torch.compile(lin, backend=counter, dynamic=True)
     for n in (40, 17, 9, 5):
@@ -379,7 +380,7 @@ def test_dynamic_k_follows_n():
             kept.append(int((lin.weight.grad.abs().sum(0) > 0).sum()))
         assert max(kept) == k and min(kept) >= 1, (n, k, kept)
     assert counter.frame_count == 1
-    assert sampled(b) and all(op.k == -1 for op in sampled(b))
+    assert sampled(b) and all(op.k == math.ceil(0.3 * 40) and "is symbolic" in op.reason for op in sampled(b))
 
 
 def test_dynamic_tiny_k_regimes_are_the_only_extra_graphs():
@@ -401,9 +402,9 @@ def test_dynamic_tiny_k_regimes_are_the_only_extra_graphs():
         return counter.frame_count
 
     ref = frames("inductor")
-    assert frames(wtacrs_compile.backend(ratio=0.3, mode="all")) <= ref + 2
+    assert frames(wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")) <= ref + 2
     # min_k = 3: k < 3 only where N < 3 itself.
-    assert frames(wtacrs_compile.backend(ratio=0.3, min_k=3, mode="all")) <= ref + 1
+    assert frames(wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, min_k=3, mode="all")) <= ref + 1
 
 
 # --------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def test_dynamic_tiny_k_regimes_are_the_only_extra_graphs():
 @pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan"), True])
 def test_invalid_ratio_is_a_clear_error(ratio):
     with pytest.raises(ValueError, match=r"ratio must be"):
-        wtacrs_compile.backend(ratio=ratio)
+        wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=ratio)
     compiled = torch.compile(net(), backend="wtacrs", options={"ratio": ratio})
     with pytest.raises(Exception, match=r"wtacrs config: ratio must be"):
         compiled(batch()[0])
@@ -423,7 +424,7 @@ def test_min_k_larger_than_n_is_exact_with_the_reason():
     model = net()
     batches = [batch(24)]
     exact = exact_grads(model, batches)
-    b = wtacrs_compile.backend(ratio=0.3, min_k=100, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, min_k=100, mode="all")
     got = accumulated_grads(model, torch.compile(model, backend=b), batches)
     for g, e in zip(got, exact):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
@@ -447,7 +448,7 @@ def test_model_without_linear_layers_is_exact():
     torch.manual_seed(0)
     model = NoLinear()
     ids, (x, t) = torch.randint(0, 10, (32,)), batch(32)
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     ours = accumulated_grads(model, lambda x_: compiled(ids, x_), [(x, t)])
     torch._dynamo.reset()
@@ -462,7 +463,7 @@ def test_graph_break_inside_a_block_two_graphs_each_handled():
     model = net(graph_break=True)
     batches = [batch(48)]
     exact = exact_grads(model, batches)
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     check_unbiased(model, compiled, batches, exact)
     # Dynamo splits the block at the break: a graph ending after `up`, the resume function
@@ -490,7 +491,7 @@ def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_err
     ids = torch.randint(0, 50, (48,))
     t = torch.randn(48, 16)
     exact = exact_grads(model, [(ids, t)])
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     check_unbiased(model, compiled, [(ids, t)], exact, draws=200)
     # The embedding's gradient is an index_put, not a matmul: exact (checked above: its
@@ -505,14 +506,14 @@ def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_err
         lin(ints)
     torch._dynamo.reset()
     with pytest.raises(Exception) as ours:
-        torch.compile(lin, backend=wtacrs_compile.backend(ratio=0.3))(ints)
+        torch.compile(lin, backend=wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3))(ints)
     assert "wtacrs" not in str(ours.value)
     assert any(w in str(ours.value) for w in ("dtype", "Long", "same")), str(ours.value)
     assert "dtype" in str(eager.value) or "Long" in str(eager.value)
 
     # Integer matmuls never need a gradient: nothing to rewrite, values exact.
     torch._dynamo.reset()
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     w = torch.randint(-3, 3, (16, 8))
     out = torch.compile(lambda a: a @ w, backend=b)(ints)
     assert torch.equal(out, ints @ w)
@@ -527,7 +528,7 @@ def test_hf_bert_trains_under_bf16_autocast():
     model = tiny_bert_classifier(layers=1)
     gen = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(1, 100, (4, 16), generator=gen), torch.tensor([0, 1, 0, 1])
-    b = wtacrs_compile.backend(ratio=0.3, mode="all")
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.3, mode="all")
     compiled = torch.compile(model, backend=b)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
@@ -551,3 +552,25 @@ def test_hf_bert_trains_under_bf16_autocast():
         src = node.args[0].meta["val"]
         if name in ("cumsum", "searchsorted", "argmin"):
             assert (src if name != "cumsum" else v).dtype == torch.float32, node.format_node()
+
+
+def test_report_of_a_dynamic_graph_is_plain_data():
+    """Reports outlive the compile: under ``dynamic=True`` they hold the traced sizes as ints
+    (the symbolic N goes into the reason), bytes at the traced size, and serialise to JSON."""
+    import json
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+    backend = wtacrs_compile.backend(ratio=0.3, mode="compute")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for n in (40, 56):
+        compiled(torch.randn(n, 16)).sum().backward()
+    assert len(backend.reports) == 1, "one graph for both sizes"
+    data = json.loads(json.dumps(backend.reports[0].to_dict()))
+    for op in data["ops"]:
+        assert all(isinstance(d, int) and d > 0 for d in op["shapes"]["x"] + op["shapes"]["grad"]), op
+        n, d = op["shapes"]["x"]
+        assert n == 40, "the traced size"
+        assert op["saved_bytes_before"] == n * d * 4
+        assert op["k"] == math.ceil(0.3 * 40)
+        assert op["decision"] == "compute" and "is symbolic" in op["reason"]

@@ -4,7 +4,7 @@
     model = torch.compile(model, backend=wtacrs_compile.backend(ratio=0.3))
 """
 
-from .backend import WTACRSBackend, backend, wtacrs
+from .backend import WTACRSBackend, backend, compile_module, wtacrs
 from .annotate import annotate, annotate_module, unannotate_module
 from .config import MODES, Rule, WTACRSConfig, WTACRSRuleWarning
 from .report import CompileReport, OpRecord, clear_reports, recent_reports
@@ -22,6 +22,7 @@ __all__ = [
     "annotate_module",
     "backend",
     "clear_reports",
+    "compile_module",
     "recent_reports",
     "unannotate_module",
     "wtacrs",

@@ -124,12 +124,6 @@ def unannotate_module(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def module_annotation(module: torch.nn.Module) -> Dict[str, Any]:
-    """The settings :func:`annotate_module` gave ``module`` (empty if none)."""
-    custom = module.__dict__.get("_wtacrs_annotation") or {}
-    return {k[len(PREFIX):]: _decode(v) for k, v in custom.items()}
-
-
 # --------------------------------------------------------------------------------------
 # The joint-graph side.
 

@@ -38,8 +38,6 @@ from ..estimator import row_norms, wtacrs_sample
 from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, transposed_source, val
 from .match_matmuls import MatmulSite
 
-FORWARD = "memory"
-BACKWARD = "compute"
 
 
 def _x_and_g(node: fx.Node, site: MatmulSite, graph: fx.Graph) -> Tuple[fx.Node, fx.Node, bool, bool]:
