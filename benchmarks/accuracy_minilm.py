@@ -37,6 +37,9 @@ import common  # noqa: E402
 
 CONFIGS = {
     "exact (inductor)": {"kind": "inductor"},
+    # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1
+    "wtacrs default": {"kind": "wtacrs"},
+    "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
     "wtacrs r=0.1": {"kind": "wtacrs", "ratio": 0.1, "mode": "memory"},
@@ -45,7 +48,7 @@ CONFIGS = {
     # the paper's gradient-norm feedback: needs a previous epoch to have cached norms
     "wtacrs r=0.3 feedback": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "feedback": True},
 }
-DEFAULT_CONFIGS = [c for c in CONFIGS if c not in ("wtacrs r=0.1 all", "wtacrs r=0.3 feedback")]
+DEFAULT_CONFIGS = ["exact (inductor)", "wtacrs default", "wtacrs default r=0.1"]
 
 
 def load_sentences(n_train: int, n_test: int, data_seed: int = 0):

@@ -14,7 +14,7 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from .config import WTACRSConfig
 from .feedback import GradNormCache
-from .graph_utils import saved_set
+from .graph_utils import PartitionerSettings, saved_set
 from .passes.joint_pass import WTACRSJointPass
 from .report import CompileReport, _log
 
@@ -65,7 +65,12 @@ class WTACRSBackend:
         static = tuple(i for i, t in enumerate(example_inputs) if _is_static_input(t))
         params = frozenset(f"primals_{i + 1}" for i in static)
         feedback = self.feedback if config.grad_norm_feedback else None
-        joint_pass = WTACRSJointPass(config, params, static, report, feedback, graph_tag=len(self.reports) - 1)
+        # The partitioner's settings (memory budget) hold for the whole compile: the planner's
+        # trial partitions and AOTAutograd's real one run under the same ones.
+        partitioner = PartitionerSettings(config.memory_budget)
+        joint_pass = WTACRSJointPass(
+            config, params, static, report, feedback, graph_tag=len(self.reports) - 1, partitioner=partitioner
+        )
 
         forward_graphs: List[torch.fx.GraphModule] = []
 
@@ -81,9 +86,10 @@ class WTACRSBackend:
                 forward_graphs.append(graph_module)
             return compile_fx_inner(graph_module, inputs, **kw)
 
-        # The AOTAutograd cache would skip the joint pass on a hit and leave no report; the FX
-        # graph cache (forward and backward code) stays on and is keyed by the pass's uuid().
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        # The AOTAutograd cache would skip the joint pass on a hit and leave no report (the
+        # settings turn it off); the FX graph cache (forward and backward code) stays on and is
+        # keyed by the pass's uuid().
+        with partitioner.active():
             return compile_fx(
                 gm,
                 example_inputs,

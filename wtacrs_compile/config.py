@@ -271,10 +271,12 @@ def _type_matches(selector: Union[str, type], module_type: type) -> bool:
     return any(selector in _type_names(cls) for cls in mro)
 
 
-DEFAULT_EXACT_HEADS = ("classifier", "pre_classifier", "lm_head", "cls", "head", "score", "qa_outputs")
+DEFAULT_EXACT_HEADS = ("classifier", "pre_classifier", "lm_head", "cls", "head", "score", "qa_outputs", "pooler")
 """Output heads stay exact unless a rule or an annotation enables them: their gradient is the
 one the task signal enters through, and their input is small (one row per example for a
-pooled classifier).  Names are matched like a rule's ``match`` (any enclosing module)."""
+pooled classifier or a pooler: N is the batch, so a draw saves little, is noisy, and under
+dynamic shapes adds a recompile at batch 3).  Names are matched like a rule's ``match`` (any
+enclosing module)."""
 
 DEFAULT_EXACT_EMBEDDINGS = ("*embed*",)
 """Embeddings stay exact too.  ``nn.Embedding``'s backward has no matmul to sample; this also
@@ -336,17 +338,30 @@ class WTACRSConfig:
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
+    memory_budget: exact recomputation first: the partitioner's
+        ``activation_memory_budget`` for this compile, in (0, 1] (1.0: Inductor's default
+        partition; ``None``: leave torch's setting alone).  A budget the user set in
+        ``torch._functorch.config`` also applies: the smaller one wins.  Where torch's
+        budget solver gives up (the parameters outweigh the activations, as for BERT-base
+        at a small batch) the backend lifts the partitioner's recomputation bans instead;
+        see :mod:`wtacrs_compile.passes.plan_memory`.
+
+    The defaults are the plan measured best (README, "Results"): recompute exactly under a
+    budget of 0.1 and sample weight gradients in backward (``mode="compute"``) with the
+    exact ``||x_i|| * ||g_i||``, which pays for the recomputation's FLOPs without the
+    accuracy cost of forward draws.
     """
 
     ratio: float = 0.3
     min_k: int = 1
     deterministic: DeterministicT = "adaptive"
-    mode: str = "memory"
+    mode: str = "compute"
     rules: tuple = ()
     keep_heads_exact: bool = True
     ops: tuple = ("linear", "bmm")
     pack_masks: bool = True
     grad_norm_feedback: bool = False
+    memory_budget: Optional[float] = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -371,6 +386,14 @@ class WTACRSConfig:
             if op not in ("linear", "bmm"):
                 _fail(f"ops entries must be 'linear' or 'bmm', got {op!r}")
         object.__setattr__(self, "ops", ops)
+        if self.memory_budget is not None:
+            b = self.memory_budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < float(b) <= 1.0:
+                _fail(
+                    f"memory_budget must be a number in (0, 1] (the partitioner's "
+                    f"activation_memory_budget; 1.0 = Inductor's default partition) or None, got {b!r}"
+                )
+            object.__setattr__(self, "memory_budget", float(b))
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "WTACRSConfig":

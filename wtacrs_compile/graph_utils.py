@@ -317,3 +317,54 @@ def saved_set(fw: fx.GraphModule, bw: fx.GraphModule) -> SavedSet:
         else:
             activations[node.name] = nbytes
     return SavedSet(activations, aliases, fw, bw)
+
+
+# --------------------------------------------------------------------------------------
+# The partitioner's settings for one compile (torch._functorch.config).
+
+_RELAXED_BANS = ("ban_recompute_used_far_apart", "ban_recompute_long_fusible_chains", "ban_recompute_materialized_backward")
+"""The min-cut bans torch's budget solver lifts first (its "more aggressive" step): with them
+off the partitioner recomputes cheap ops (views, pointwise, norms) wherever that saves bytes,
+and still never recomputes a matmul (``ban_recompute_not_in_allowlist`` stays on)."""
+
+
+class PartitionerSettings:
+    """The ``torch._functorch.config`` values one compile runs its partitions under.
+
+    ``with settings.active(): compile_fx(...)`` patches them for the whole compile, so that the
+    planner's trial partitions and AOTAutograd's real one agree; :meth:`relax_bans` (called by
+    the joint pass, inside that scope) changes them for the rest of the compile, and leaving the
+    scope restores the caller's values.
+    """
+
+    def __init__(self, memory_budget: Optional[float]) -> None:
+        import torch._functorch.config as fconfig
+
+        self._config = fconfig
+        user = fconfig.activation_memory_budget
+        self.budget = user if memory_budget is None else min(float(memory_budget), user)
+        self.relaxed = False
+        self._initial_bans = self.bans()
+
+    def active(self):
+        patch = {"activation_memory_budget": self.budget, "enable_autograd_cache": False}
+        patch.update(self._initial_bans)
+        return self._config.patch(**patch)
+
+    def relax_bans(self) -> None:
+        for key in _RELAXED_BANS:
+            if hasattr(self._config, key):
+                setattr(self._config, key, False)
+        self.relaxed = True
+
+    def restore_bans(self) -> None:
+        for key, value in self._initial_bans.items():
+            setattr(self._config, key, value)
+        self.relaxed = False
+
+    def bans(self) -> Dict[str, Any]:
+        return {k: getattr(self._config, k) for k in _RELAXED_BANS if hasattr(self._config, k)}
+
+    def unbudgeted(self):
+        """Inductor's default partition, for the report's reference figure."""
+        return self._config.patch(activation_memory_budget=1.0, **self._initial_bans)

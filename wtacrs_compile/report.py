@@ -32,6 +32,9 @@ class OpRecord:
     annotation: Dict[str, Any] = field(default_factory=dict)  # wtacrs_compile.annotate settings (applied after rules)
     shared_draw_with: Optional[str] = None  # sibling op whose forward draw this op reuses
     grad_norm_feedback: bool = False  # its draw reads cached ||g_i|| (config.grad_norm_feedback)
+    # Inductor's default partition saves this op's activation and the exact partition under
+    # the memory budget recomputes it in backward instead (no sampling involved)
+    recomputed: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,7 +44,8 @@ class OpRecord:
 class CompileReport:
     config: Dict[str, Any]
     ops: List[OpRecord] = field(default_factory=list)
-    baseline_saved_bytes: Optional[int] = None  # partitioned joint graph, no rewrite
+    inductor_saved_bytes: Optional[int] = None  # Inductor's default partition (no budget, no rewrite)
+    baseline_saved_bytes: Optional[int] = None  # exact partition under the memory budget, no rewrite
     wtacrs_saved_bytes: Optional[int] = None  # partitioned joint graph after the rewrite
     compiled_saved_bytes: Optional[int] = None  # read off the backward graph Inductor compiled
     measurements: Dict[str, int] = field(default_factory=dict)
@@ -52,6 +56,7 @@ class CompileReport:
     saved_tensors: Dict[str, int] = field(default_factory=dict)  # name -> bytes, after rewrite
     baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
     packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
+    partitioner_note: str = ""  # how the exact partition was obtained, when not plainly
     # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
     graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -72,6 +77,7 @@ class CompileReport:
             "config": self.config,
             "ops": [op.to_dict() for op in self.ops],
             "totals": {
+                "inductor_saved_bytes": self.inductor_saved_bytes,
                 "baseline_saved_bytes": base,
                 "wtacrs_saved_bytes": after,
                 "ratio": (after / base) if base and after is not None else None,
@@ -81,6 +87,7 @@ class CompileReport:
             "saved_tensors": dict(self.saved_tensors),
             "baseline_saved_tensors": dict(self.baseline_saved_tensors),
             "packed_masks": list(self.packed_masks),
+            "partitioner_note": self.partitioner_note,
         }
         if graphs:
             d["graphs"] = {

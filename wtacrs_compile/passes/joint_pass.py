@@ -26,7 +26,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
-from ..graph_utils import SavedSet, copy_graph, partition_saved, strip_views
+from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, partition_saved, strip_views
 from ..report import CompileReport, OpRecord
 from . import plan_memory
 from .match_bmm import find_bmm_sites
@@ -60,8 +60,10 @@ class WTACRSJointPass(CustomGraphPass):
         report: CompileReport,
         feedback=None,
         graph_tag: int = 0,
+        partitioner: Optional[PartitionerSettings] = None,
     ) -> None:
         self.config = config
+        self.partitioner = partitioner  # the compile's memory budget; None: torch's settings
         self.feedback = feedback  # a feedback.GradNormCache when config.grad_norm_feedback
         self.graph_tag = graph_tag
         self.params = frozenset(params)
@@ -124,9 +126,10 @@ class WTACRSJointPass(CustomGraphPass):
 
         by_name = {s.node: s for s in sites}
 
-        def apply(g: fx.Graph, assign: Dict[str, str]) -> Dict[str, str]:
+        def apply(g: fx.Graph, assign: Dict[str, str]) -> plan_memory.Applied:
             return self._apply(g, [by_name[n] for n in assign], assign, settings)
 
+        baseline = self._exact_baseline(graph)
         if candidates:
             result = plan_memory.plan(
                 graph,
@@ -134,26 +137,30 @@ class WTACRSJointPass(CustomGraphPass):
                 {s.node: settings[s.node].mode for s in candidates},
                 apply,
                 self.static_input_indices,
+                baseline=baseline,
             )
-            baseline = result.baseline
             report.measurements.update(result.measurements)
             decisions = result.decisions
-            shared = apply(graph, plan_memory.decisions_to_assign(decisions))
+            applied = apply(graph, plan_memory.decisions_to_assign(decisions))
             final = result.final  # partitioned from an identical rewrite of a copy
         else:
-            decisions, shared = {}, {}
-            baseline = final = partition_saved(graph, self.static_input_indices)
+            decisions, applied = {}, plan_memory.Applied()
+            final = baseline
+        shared = applied.shared
+        self._feedback_sites = applied.feedback_sites
 
         # The partitioner need not save a forward draw's sample: it may recompute the whole
         # draw in backward from tensors it saves anyway (still unbiased: no forward op reads
-        # the sample).  Record where the draw ran rather than assume it.
-        rows = getattr(self, "_sample_rows", {}) if candidates else {}
-        saved_roots = {strip_views(n).name for n in final.fw.graph.nodes if n.name in final.activations}
-        self._drawn_in_backward = {site for site, name in rows.items() if name not in saved_roots}
+        # the sample).  The planner turns such ops to compute or exact, except under mode
+        # "all"; record where each remaining draw ran rather than assume it.
+        saved_roots = plan_memory.saved_roots(final)
+        self._drawn_in_backward = {site for site, name in applied.rows.items() if name not in saved_roots}
+        self._recomputed = self._recomputed_inputs(sites, baseline)
 
         if self.config.pack_masks:
             final = self._pack_masks(graph, final)
 
+        report.inductor_saved_bytes = report.measurements.get("inductor", baseline.activation_bytes)
         report.baseline_saved_bytes = baseline.activation_bytes
         report.baseline_saved_tensors = dict(baseline.activations)
         report.wtacrs_saved_bytes = final.activation_bytes
@@ -175,14 +182,14 @@ class WTACRSJointPass(CustomGraphPass):
 
     def _apply(
         self, graph: fx.Graph, sites: List[MatmulSite], assign: Dict[str, str], settings: Dict[str, OpSettings]
-    ) -> Dict[str, str]:
-        """Rewrite ``sites`` of ``graph`` per ``assign``; returns site -> site it shares a draw with."""
+    ) -> plan_memory.Applied:
+        """Rewrite ``sites`` of ``graph`` per ``assign``: which draws are shared, which forward
+        sample node each site reads, which draws read the gradient-norm cache."""
         nodes = {n.name: n for n in graph.nodes}
         cache = self._trace_cache
         draws: Dict[tuple, tuple] = {}
-        shared: Dict[str, str] = {}
-        self._sample_rows: Dict[str, str] = {}  # site -> the forward sample node it reads
-        self._feedback_sites: Set[str] = set()  # sites whose draw reads the gradient-norm cache
+        applied = plan_memory.Applied()
+        shared = applied.shared
         # Feedback only for a draw one site reads: the cached ||g_i|| of one of several
         # gradients (Q/K/V share their input's draw) can be ~0 where another's is not.
         readers = collections.Counter(
@@ -209,9 +216,9 @@ class WTACRSJointPass(CustomGraphPass):
                         draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache, fb), site.node)
                 else:  # never with fb: a draw with feedback has one reader
                     shared[site.node] = draws[key][1]
-                self._sample_rows[site.node] = draws[key][0].rows.name
+                applied.rows[site.node] = draws[key][0].rows.name
                 if fb is not None:
-                    self._feedback_sites.add(site.node)
+                    applied.feedback_sites.add(site.node)
                 if bmm:
                     rewrite_bmm_with_forward_sample(graph, node, site, draws[key][0], cache)
                 else:
@@ -220,7 +227,46 @@ class WTACRSJointPass(CustomGraphPass):
                 rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
                 rewrite(graph, node, site, k, s.deterministic, cache)
         graph.eliminate_dead_code()
-        return shared
+        return applied
+
+    def _exact_baseline(self, graph: fx.Graph) -> SavedSet:
+        """The best exact partition: under the compile's memory budget, with the partitioner's
+        recomputation bans lifted where torch's budget solver returns its default partition
+        (it does when the parameters outweigh the activations).  Recomputing exactly is the
+        first tool for bytes; the planner measures sampling against this, not against
+        Inductor's default."""
+        p = self.partitioner
+        self._inductor_roots: Set[str] = set()
+        if p is None or p.budget >= 1.0:
+            return partition_saved(graph, self.static_input_indices)
+        with p.unbudgeted():
+            inductor = partition_saved(graph, self.static_input_indices)
+        self.report.measurements["inductor"] = inductor.activation_bytes
+        self._inductor_roots = plan_memory.saved_roots(inductor)
+        baseline = partition_saved(graph, self.static_input_indices)
+        self.report.measurements["exact_budget"] = baseline.activation_bytes
+        if baseline.activation_bytes >= inductor.activation_bytes and not p.relaxed:
+            p.relax_bans()
+            relaxed = partition_saved(graph, self.static_input_indices)
+            self.report.measurements["exact_relaxed_bans"] = relaxed.activation_bytes
+            if relaxed.activation_bytes < baseline.activation_bytes:
+                self.report.partitioner_note = (
+                    f"torch's activation_memory_budget={p.budget:g} returned the default partition "
+                    f"(the parameters outweigh the activations); recomputation bans lifted instead"
+                )
+                return relaxed
+            p.restore_bans()
+        return baseline
+
+    def _recomputed_inputs(self, sites, baseline: SavedSet) -> Set[str]:
+        """Sites whose activation Inductor's default partition saves and the exact budgeted
+        partition recomputes instead (no sampling needed for those bytes)."""
+        inductor = self._inductor_roots
+        if not inductor:
+            return set()
+        exact = plan_memory.saved_roots(baseline)
+        # x_key is "<root node>|<view chain>"
+        return {s.node for s in sites if s.x_key.split("|")[0] in inductor - exact}
 
     def _record(self, site, s: OpSettings, decisions, skipped, shared) -> OpRecord:
         k = s.k_for(site.n) if site.n > 0 else -1
@@ -244,6 +290,9 @@ class WTACRSJointPass(CustomGraphPass):
             elif not in_backward:
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
                 after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
+        recomputed = site.node in self._recomputed
+        if recomputed and decision != plan_memory.MEMORY:
+            reason += "; its activation is recomputed exactly in backward (memory_budget), not saved"
         if site.dynamic_n and decision != "exact":
             reason += "; N is symbolic: k = min(N, max(ceil(ratio * N), min_k)) follows it at run time"
         return OpRecord(
@@ -263,5 +312,6 @@ class WTACRSJointPass(CustomGraphPass):
             rules=list(s.rules),
             annotation=dict(s.annotation),
             shared_draw_with=shared.get(site.node),
-            grad_norm_feedback=site.node in getattr(self, "_feedback_sites", ()),
+            grad_norm_feedback=site.node in self._feedback_sites,
+            recomputed=recomputed,
         )

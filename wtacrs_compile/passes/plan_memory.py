@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
-from ..graph_utils import SavedSet, copy_graph, partition_saved
+from ..graph_utils import SavedSet, copy_graph, partition_saved, strip_views
 from .match_matmuls import MatmulSite
 
 MEMORY, COMPUTE, EXACT = "memory", "compute", "exact"
@@ -41,6 +41,21 @@ class Decision:
     decision: str
     reason: str
     measured_saving: Optional[int] = None  # bytes the op's class saved, per op, when measured
+
+
+@dataclass
+class Applied:
+    """What one rewrite did: draws shared between sites, and the forward sample node each
+    forward-sampled site reads (to check whether the partition saves it)."""
+
+    shared: Dict[str, str] = field(default_factory=dict)  # site -> site whose draw it reuses
+    rows: Dict[str, str] = field(default_factory=dict)  # site -> forward sample node name
+    feedback_sites: Set[str] = field(default_factory=set)  # draws reading cached ||g_i||
+
+
+def saved_roots(saved: SavedSet) -> Set[str]:
+    """Names of the forward nodes a partition saves, seen through views."""
+    return {strip_views(n).name for n in saved.fw.graph.nodes if n.name in saved.activations}
 
 
 @dataclass
@@ -62,21 +77,26 @@ def plan(
     graph: fx.Graph,
     candidates: Sequence[MatmulSite],
     modes: Dict[str, str],
-    apply: Callable[[fx.Graph, Dict[str, str]], None],
+    apply: Callable[[fx.Graph, Dict[str, str]], Applied],
     static_input_indices: Optional[List[int]] = None,
+    baseline: Optional[SavedSet] = None,
 ) -> PlanResult:
     """Plan ``candidates`` (enabled, rewritable sites) given each site's configured mode.
 
     ``apply(graph, {site: "memory"|"compute"})`` rewrites a graph copy; the planner never
-    touches ``graph`` itself.
+    touches ``graph`` itself.  ``baseline``: the exact partition to measure against (the
+    best exact one: under the compile's memory budget); partitioned here when not given.
     """
+    rows: Dict[str, str] = {}
 
     def measure(assign: Dict[str, str]) -> SavedSet:
         g = copy_graph(graph)
-        apply(g, assign)
+        rows.clear()
+        rows.update(apply(g, assign).rows)
         return partition_saved(g, static_input_indices)
 
-    baseline = partition_saved(graph, static_input_indices)
+    if baseline is None:
+        baseline = partition_saved(graph, static_input_indices)
     result = PlanResult({}, baseline, measurements={"baseline": baseline.activation_bytes})
     decisions = result.decisions
 
@@ -143,6 +163,27 @@ def plan(
                 )
         chosen = decisions_to_assign(decisions)
         final = measure(chosen) if chosen else baseline
+    # A forward draw the partition does not save runs in backward from tensors it keeps
+    # anyway: its bytes came from the partitioner recomputing what it was drawn from, which
+    # the exact partition can do without sampling.  Such an op draws in backward with the
+    # exact gradient norms (memory+compute) or stays exact (memory).
+    kept = saved_roots(final)
+    unsaved = [
+        s for s in tested if decisions[s.node].decision == MEMORY and rows.get(s.node) not in kept
+    ]
+    if unsaved:
+        why = (
+            "its forward draw would run in backward from tensors the partition saves anyway: "
+            "the bytes come from recomputation, which the exact partition gets without sampling"
+        )
+        for s in unsaved:
+            if modes[s.node] == "memory+compute":
+                decisions[s.node] = Decision(COMPUTE, why + "; sampled in backward for FLOPs")
+            else:
+                decisions[s.node] = Decision(EXACT, why)
+        chosen = decisions_to_assign(decisions)
+        final = measure(chosen) if chosen else baseline
+        result.measurements["plan_without_unsaved_draws"] = final.activation_bytes
     result.final = final
     return result
 
