@@ -39,6 +39,7 @@ CONFIGS = {
     "exact (inductor)": {"kind": "inductor"},
     # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1
     "wtacrs default": {"kind": "wtacrs"},
+    "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
     "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
