@@ -70,6 +70,11 @@ def plot_memory(path: Path) -> Path:
     layers = f", {m['layers_reduced_to']} layers" if m.get("layers_reduced_to") else ""
     fig.suptitle(f"{m['name']} batch {m['batch']}{layers} — {res['machine']['device']}, torch {res['machine']['torch']}")
     fig.tight_layout()
+    if res.get("note"):  # e.g. step times taken on a loaded machine
+        import textwrap
+
+        fig.text(0.01, 0.005, textwrap.fill("Note: " + res["note"], 200), fontsize=6, va="bottom")
+        fig.subplots_adjust(bottom=0.2)
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -195,7 +195,7 @@ def _compile_once(model, backend, inputs):
 
 # peft's LoRA BERT is the slowest case (two layers, adapters); LoRA written as plain
 # nn.Linear pairs stays in the default run (test_plain_lora_pairs_...).
-SLOW = {"lora-bert-peft"}
+SLOW = {"lora-bert-peft", "hf-vit"}  # the slowest cases; `python -m pytest -m slow` runs them
 
 
 @pytest.mark.parametrize(
