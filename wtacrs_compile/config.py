@@ -343,10 +343,10 @@ class WTACRSConfig:
         at a small batch) the backend lifts the partitioner's recomputation bans instead;
         see :mod:`wtacrs_compile.passes.plan_memory`.
 
-    The defaults are the plan measured best (README, "Results"): recompute exactly under a
-    budget of 0.1 and sample weight gradients in backward (``mode="compute"``) with the
-    exact ``||x_i|| * ||g_i||``, which pays for the recomputation's FLOPs without the
-    accuracy cost of forward draws.
+    The defaults are the plan chosen from the measurements (README, "Results"): recompute
+    exactly under a budget of 0.1 and sample weight gradients in backward
+    (``mode="compute"``) with the exact ``||x_i|| * ||g_i||``, which pays for the
+    recomputation's FLOPs without most of the accuracy cost of forward draws.
     """
 
     ratio: float = 0.3
