@@ -16,6 +16,19 @@ def test_defaults_are_compute_mode_under_a_budget():
     assert (cfg.mode, cfg.ratio, cfg.memory_budget) == ("compute", 0.3, 0.1)
 
 
+def test_masks_stay_unpacked_by_default():
+    """Packing a dropout keep-mask fuses into the kernel that draws it and slowed MiniLM's
+    step 1.6x (config.py): the default leaves saved masks as torch.bool."""
+    from test_planner import relu_dropout
+
+    model = relu_dropout()
+    report = run(model, (torch.randn(128, 64),), memory_budget=None, ratio=1.0)
+    assert report.packed_masks == []
+    assert "packed_masks" not in report.measurements
+    masks = {name: b for name, b in report.saved_tensors.items() if name in ("gt", "le")}
+    assert masks == {"gt": 128 * 256, "le": 128 * 256}, report.saved_tensors  # one byte each
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "0.1", True, float("nan")])
 def test_bad_memory_budget_names_the_fix(bad):
     with pytest.raises(ValueError, match=r"memory_budget must be a number in \(0, 1\]"):

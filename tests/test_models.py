@@ -329,7 +329,7 @@ def test_t5_with_dropout_at_ratio_one_packs_masks_despite_lifted_constants():
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg)
     gen = torch.Generator().manual_seed(0)
-    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=1.0)
+    backend = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=1.0, pack_masks=True)
     torch._dynamo.reset()
     loss = torch.compile(model, backend=backend)(input_ids=_ids(gen, 2, 16), labels=_ids(gen, 2, 8)).loss
     loss.backward()
