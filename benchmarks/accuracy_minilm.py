@@ -37,6 +37,9 @@ import common  # noqa: E402
 
 CONFIGS = {
     "exact (inductor)": {"kind": "inductor"},
+    # The noise floor of a paired gap: exact again, with only the dropout stream changed (a
+    # wtacrs run draws random numbers too, so its dropout masks differ from the exact run's).
+    "exact (inductor) reseeded dropout": {"kind": "inductor", "dropout_seed_offset": 1000},
     # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1
     "wtacrs default": {"kind": "wtacrs"},
     "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
@@ -102,7 +105,7 @@ def train_one(name, cfg, seed, base_state, tokenized, args):
     gen = torch.Generator().manual_seed(seed)
     per_epoch = len(ids) // args.batch
     steps = per_epoch * args.epochs
-    torch.manual_seed(seed)  # dropout and the sampler's draws
+    torch.manual_seed(seed + cfg.get("dropout_seed_offset", 0))  # dropout and the sampler's draws
     t0 = time.perf_counter()
     losses = []
     for _ in range(args.epochs):

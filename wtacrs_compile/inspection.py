@@ -147,6 +147,7 @@ class GraphInspection:
             "added_saved_tensors": [t.to_dict() for t in added],
             "packed_masks": list(getattr(self.report, "packed_masks", []) or []),
             "measurements": dict(self.report.measurements),
+            "compile_seconds": dict(self.report.compile_seconds),
         }
         if graphs:
             d["graphs"] = {

@@ -58,6 +58,11 @@ class CompileReport:
     baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
     packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
     partitioner_note: str = ""  # how the exact partition was obtained, when not plainly
+    # Wall seconds of this graph's compile by stage (see backend.py): "exact_baseline",
+    # "plan" (the planner's trial partitions), "rewrite", "joint_pass" (all of the pass),
+    # "inductor_forward" / "inductor_backward" (code generation) and "backend" (the whole
+    # backend call: AOTAutograd's tracing and partition, the pass, Inductor).
+    compile_seconds: Dict[str, float] = field(default_factory=dict)
     # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
     graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -85,6 +90,7 @@ class CompileReport:
             "baseline_saved_tensors": dict(self.baseline_saved_tensors),
             "packed_masks": list(self.packed_masks),
             "partitioner_note": self.partitioner_note,
+            "compile_seconds": dict(self.compile_seconds),
         }
         if graphs:
             d["graphs"] = {

@@ -17,7 +17,9 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import logging
 import pathlib
+import time
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch.fx as fx
@@ -36,6 +38,10 @@ from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_backward_sampl
 from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
+
+# Progress of long compiles (what is planned, how many trial partitions); quiet unless the
+# application enables it, e.g. logging.getLogger("wtacrs_compile").setLevel(logging.INFO).
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(None)
@@ -82,12 +88,24 @@ class WTACRSJointPass(CustomGraphPass):
     # ----------------------------------------------------------------------------------
 
     def __call__(self, graph: fx.Graph) -> None:
-        report = self.report
         if not any(n.op == "placeholder" and n.target.startswith("tangents") for n in graph.nodes):
             # Inductor runs joint passes on inference graphs too (no_grad, inference_mode,
             # inputs that need no gradient): there is no backward to estimate, so the graph is
             # left exactly as plain torch.compile compiles it (no mask packing either).
             return
+        start = time.perf_counter()
+        try:
+            self._run(graph)
+        finally:
+            self.report.compile_seconds["joint_pass"] = time.perf_counter() - start
+
+    def _stage(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.report.compile_seconds[name] = self.report.compile_seconds.get(name, 0.0) + now - since
+        return now
+
+    def _run(self, graph: fx.Graph) -> None:
+        report = self.report
         # Earlier joint passes may leave the graph out of order (Inductor sorts after all of
         # them); copies for the planner need definitions before uses.
         stable_topological_sort(graph)
@@ -129,8 +147,17 @@ class WTACRSJointPass(CustomGraphPass):
         def apply(g: fx.Graph, assign: Dict[str, str]) -> plan_memory.Applied:
             return self._apply(g, [by_name[n] for n in assign], assign, settings)
 
+        log.info(
+            "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
+            self.graph_tag, len(sites), len(candidates),
+            "s (Inductor's, then under the memory budget)" if self.partitioner and self.partitioner.budget < 1.0 else "",
+        )
+        t = time.perf_counter()
         baseline = self._exact_baseline(graph)
+        t = self._stage("exact_baseline", t)
         if candidates:
+            log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
+                     ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
             result = plan_memory.plan(
                 graph,
                 candidates,
@@ -141,7 +168,9 @@ class WTACRSJointPass(CustomGraphPass):
             )
             report.measurements.update(result.measurements)
             decisions = result.decisions
+            t = self._stage("plan", t)
             applied = apply(graph, plan_memory.decisions_to_assign(decisions))
+            t = self._stage("rewrite", t)
             final = result.final  # partitioned from an identical rewrite of a copy
         else:
             decisions, applied = {}, plan_memory.Applied()

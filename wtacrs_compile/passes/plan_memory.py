@@ -24,6 +24,7 @@ That is ``2 + #classes`` partitioner runs, whatever the depth of the model.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -34,6 +35,8 @@ from ..graph_utils import SavedSet, copy_graph, partition_saved, strip_views
 from .match_matmuls import MatmulSite
 
 MEMORY, COMPUTE, EXACT = "memory", "compute", "exact"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,11 +92,16 @@ def plan(
     """
     rows: Dict[str, str] = {}
 
+    trials = [0]
+
     def measure(assign: Dict[str, str]) -> SavedSet:
         g = copy_graph(graph)
         rows.clear()
         rows.update(apply(g, assign).rows)
-        return partition_saved(g, static_input_indices)
+        trials[0] += 1
+        saved = partition_saved(g, static_input_indices)
+        log.debug("wtacrs: trial partition %d (%d sites rewritten): %d B saved", trials[0], len(assign), saved.activation_bytes)
+        return saved
 
     if baseline is None:
         baseline = partition_saved(graph, static_input_indices)
@@ -120,6 +128,7 @@ def plan(
         key = " + ".join(sorted(site_class(s) for s in members))
         classes.setdefault(key, []).extend(members)
 
+    log.info("wtacrs: %d forward-draw classes to measure: %d trial partitions", len(classes), len(classes) + 2)
     everything = dict(forced)
     everything.update({s.node: MEMORY for s in tested})
     b_all = measure(everything).activation_bytes
