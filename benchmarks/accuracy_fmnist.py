@@ -26,7 +26,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 
