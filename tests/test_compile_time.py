@@ -3,8 +3,6 @@ log of long compiles (the ``wtacrs_compile`` logger, quiet by default)."""
 
 import logging
 
-import torch
-
 from test_planner import mlp_relu, run
 
 STAGES = ("exact_baseline", "plan", "rewrite", "joint_pass", "inductor_forward", "inductor_backward", "backend")

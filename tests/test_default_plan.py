@@ -3,7 +3,6 @@ in backward; memory mode keeps a forward draw only where its sampled rows are wh
 
 import pytest
 import torch
-import torch.nn as nn
 
 import wtacrs_compile
 from wtacrs_compile.graph_utils import PartitionerSettings

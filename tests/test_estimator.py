@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wtacrs_compile.config import OpSettings
-from wtacrs_compile.estimator import probabilities, row_norms, sampled_matmul_reference, winner_count, wtacrs_sample
+from wtacrs_compile.estimator import probabilities, sampled_matmul_reference, winner_count, wtacrs_sample
 
 from stats import assert_unbiased
 

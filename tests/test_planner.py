@@ -33,7 +33,7 @@ def bert_block():
 
 
 def vit_block():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import Block
 
     torch.manual_seed(0)

@@ -11,13 +11,13 @@ import time
 from typing import Any, List, Optional, Sequence
 
 import torch
-from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from .config import WTACRSConfig
 from .feedback import GradNormCache
 from .graph_utils import PartitionerSettings, saved_set
 from .passes.joint_pass import WTACRSJointPass
 from .report import CompileReport, _log
+from .torch_internals import compile_fx, compile_fx_inner, is_static_input
 
 
 class WTACRSBackend:
@@ -63,7 +63,7 @@ class WTACRSBackend:
 
         # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Dynamo
         # inlines nn.Modules and lifts their parameters and buffers to inputs, marked static.
-        static = tuple(i for i, t in enumerate(example_inputs) if _is_static_input(t))
+        static = tuple(i for i, t in enumerate(example_inputs) if is_static_input(t))
         params = frozenset(f"primals_{i + 1}" for i in static)
         feedback = self.feedback if config.grad_norm_feedback else None
         # The partitioner's settings (memory budget) hold for the whole compile: the planner's
@@ -111,11 +111,6 @@ class WTACRSBackend:
             # The backward may compile later (lazily, on the first backward call): its
             # Inductor time is added to compile_seconds then, not to "backend".
             report.compile_seconds["backend"] = time.perf_counter() - start
-
-
-def _is_static_input(t: Any) -> bool:
-    """Parameters and buffers: what the partitioner treats as free to save."""
-    return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
 
 
 def _merge(config: WTACRSConfig, options: Any) -> WTACRSConfig:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 import operator
-import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+
+from .torch_internals import detect_fake_mode, functorch_config, make_fx_graph, partition_joint, size_hint
 
 aten = torch.ops.aten
 
@@ -53,18 +53,10 @@ def tensor_nbytes(v: Any) -> int:
         # Never int(n): that guards on the traced size and makes a dynamic=True graph
         # recompile for every new shape.  The hint is the size at trace time, guard-free.
         try:
-            n = _size_hint(n)
+            n = size_hint(n)
         except Exception:  # unbacked or unhinted symbol: count nothing rather than guess
             return 0
     return n * v.element_size()
-
-
-def _size_hint(n: Any) -> int:
-    try:
-        from torch.fx.experimental.symbolic_shapes import optimization_hint as hint
-    except ImportError:  # torch < 2.12 (the GPU machines' 2.11)
-        from torch.fx.experimental.symbolic_shapes import hint_int as hint
-    return int(hint(n))
 
 
 def traced_size(n: Any) -> int:
@@ -73,7 +65,7 @@ def traced_size(n: Any) -> int:
     if isinstance(n, int):
         return n
     try:
-        return _size_hint(n)
+        return size_hint(n)
     except Exception:
         return -1
 
@@ -191,19 +183,6 @@ def innermost_module(node: fx.Node, search_depth: int = 0) -> Tuple[str, Tuple[t
     return "", ()
 
 
-@functools.lru_cache(None)
-def _decompositions() -> Dict[Any, Callable]:
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    # Keep rand_like whole: Inductor lowers it as a fallback to eager's generator, and the
-    # partitioner treats it as random (never recomputed in backward).
-    for op in list(table):
-        if getattr(op, "overloadpacket", None) is aten.rand_like:
-            del table[op]
-    return table
-
-
 def fake_mode_of(graph: fx.Graph):
     vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(vals)
@@ -218,15 +197,12 @@ def trace(fn: Callable, example_vals: Sequence[Any], fake_mode, cache: Optional[
     With ``cache`` and ``key`` (which must determine the traced graph: shapes, dtypes and every
     constant ``fn`` closes over), a trace is reused: the planner rewrites many copies of a graph.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     if cache is not None:
         # str(): symbolic sizes are unhashable; their names tell traces apart without a guard.
         full_key = (key, tuple((tuple(map(str, v.shape)), v.dtype, v.device) for v in example_vals))
         if full_key in cache:
             return cache[full_key]
-    with fake_mode:
-        gm = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="real")(*example_vals)
+    gm = make_fx_graph(fn, example_vals, fake_mode)
     if cache is not None:
         cache[full_key] = gm
     return gm
@@ -295,20 +271,12 @@ def _root_of(graph: fx.Graph) -> Optional[torch.nn.Module]:
 
 def partition_saved(graph: fx.Graph, static_input_indices: Optional[List[int]] = None) -> SavedSet:
     """Run Inductor's partitioner on a copy of ``graph`` and report what it saves."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
     g = copy_graph(graph)
     root = _root_of(graph)
     if root is None:
         root = torch.nn.Module()
     gm = fx.GraphModule(root, g)
-    fw, bw = min_cut_rematerialization_partition(
-        gm,
-        None,
-        compiler="inductor",
-        num_fwd_outputs=num_fwd_outputs(g),
-        static_lifetime_input_indices=static_input_indices,
-    )
+    fw, bw = partition_joint(gm, num_fwd_outputs(g), static_input_indices)
     return saved_set(fw, bw)
 
 
@@ -349,10 +317,8 @@ class PartitionerSettings:
     """
 
     def __init__(self, memory_budget: Optional[float]) -> None:
-        import torch._functorch.config as fconfig
-
-        self._config = fconfig
-        user = fconfig.activation_memory_budget
+        self._config = functorch_config
+        user = functorch_config.activation_memory_budget
         self.budget = user if memory_budget is None else min(float(memory_budget), user)
         self.relaxed = False
         self._initial_bans = self.bans()

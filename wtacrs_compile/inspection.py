@@ -29,13 +29,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.fx as fx
-from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-from torch.utils import _pytree as pytree
 
 from .backend import WTACRSBackend
 from .config import WTACRSConfig
 from .graph_utils import innermost_module, saved_set, tangent_dependent, tensor_nbytes
 from .report import CompileReport
+from .torch_internals import compile_fx, compile_fx_inner, fresh_compiles, original_module, reset_dynamo, tree_leaves
 
 GRAPH_KINDS = ("forward", "backward", "joint")
 _NUM_USERS = re.compile(r"(?: :)? \[num_users=\d+\]")
@@ -286,17 +285,17 @@ def inspect(
         config = config.replace(**options)
     if not isinstance(config, WTACRSConfig):
         raise TypeError(f"inspect: config must be a WTACRSConfig, got {type(config).__name__}")
-    model = getattr(model, "_orig_mod", model)  # a torch.compile-d module: inspect the original
+    model = original_module(model)  # a torch.compile-d module: inspect the original
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"inspect: model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
 
     baseline_graphs: List[BaselineGraph] = []
     backend = WTACRSBackend(config)
-    with _preserved(model, (args, kwargs)), _fresh_compiles():
+    with _preserved(model, (args, kwargs)), fresh_compiles():
         objective = _step(torch.compile(model, backend=_baseline_backend(baseline_graphs)), args, kwargs)
         _clear_grads(model, (args, kwargs))
-        torch._dynamo.reset()
+        reset_dynamo()
         _step(torch.compile(model, backend=backend), args, kwargs)
 
     if len(baseline_graphs) != len(backend.reports):
@@ -335,7 +334,7 @@ def _step(compiled: Any, args: tuple, kwargs: dict) -> str:
     else:
         leaves = [
             t
-            for t in pytree.tree_leaves(out)
+            for t in tree_leaves(out)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
         ]
         if not leaves:
@@ -464,20 +463,6 @@ def _describe(bw: fx.GraphModule, activations: Dict[str, int]) -> List[SavedTens
 
 
 @contextlib.contextmanager
-def _fresh_compiles() -> Iterator[None]:
-    """Really compile: no Dynamo, AOTAutograd or FX graph cache may serve a graph (a hit would
-    skip the pass and the hooks that record what was compiled)."""
-    torch._dynamo.reset()
-    try:
-        with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(
-            fx_graph_cache=False
-        ):
-            yield
-    finally:
-        torch._dynamo.reset()
-
-
-@contextlib.contextmanager
 def _preserved(model: torch.nn.Module, inputs: Any) -> Iterator[None]:
     """Restore what a training step changes: ``.grad`` of every parameter and of inputs that
     require grad, buffers (running statistics), and the global RNG state the step draws from
@@ -499,7 +484,7 @@ def _preserved(model: torch.nn.Module, inputs: Any) -> Iterator[None]:
 
 def _grad_leaves(model: torch.nn.Module, inputs: Any) -> List[torch.Tensor]:
     tensors = list(model.parameters()) + [
-        t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
+        t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
     ]
     return list({id(t): t for t in tensors}.values())
 

@@ -23,13 +23,12 @@ import time
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
-from torch._inductor.pattern_matcher import stable_topological_sort
 
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
-from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, partition_saved, strip_views, traced_size
+from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, partition_saved, traced_size
 from ..report import CompileReport, OpRecord
+from ..torch_internals import CustomGraphPass, stable_topological_sort
 from . import plan_memory
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls

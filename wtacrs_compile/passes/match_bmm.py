@@ -42,23 +42,11 @@ import torch
 import torch.fx as fx
 
 from ..graph_utils import aten, innermost_module, is_call, strip_views, tangent_dependent, val, view_key
+from ..torch_internals import FUSED_ATTENTION_BACKWARD
 from .match_matmuls import SUPPORTED_DTYPES, MatmulSite, _is_param_derived
 
 _FORWARD_BMMS = (aten.bmm.default, aten.baddbmm.default)
 
-FUSED_ATTENTION_BACKWARD = frozenset(
-    {
-        "_scaled_dot_product_flash_attention_for_cpu_backward",
-        "_scaled_dot_product_flash_attention_backward",
-        "_scaled_dot_product_efficient_attention_backward",
-        "_scaled_dot_product_cudnn_attention_backward",
-        "_scaled_dot_product_fused_attention_overrideable_backward",
-        "_flash_attention_backward",
-        "_efficient_attention_backward",
-        "flex_attention_backward",
-    }
-)
-"""Backward ops of fused attention kernels: attention products with no bmm to sample."""
 
 FUSED_SDPA_REASON = (
     "fused SDPA: no bmm to sample (the kernel forms Q K^T and P V internally and recomputes "

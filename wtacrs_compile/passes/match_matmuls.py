@@ -19,7 +19,7 @@ matched: ``mm(G^T, X)`` (``dW``) and ``mm(X^T, G)`` (``dW^T``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch

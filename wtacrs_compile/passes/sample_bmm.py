@@ -35,9 +35,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch.utils.checkpoint import CheckpointPolicy
 
 from ..estimator import row_norms, wtacrs_sample
+from ..torch_internals import replay_in_backward
 from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, val
 from .match_bmm import operand_rows
 from .match_matmuls import MatmulSite
@@ -88,7 +88,7 @@ def _tag_replayed_noise(inserted: set) -> None:
         if is_call(n, aten.rand_like.default):
             # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
             # re-runs this op under the RNG state saved in forward.
-            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            replay_in_backward(n)
 
 
 def _after(graph: fx.Graph, node: fx.Node) -> fx.Node:

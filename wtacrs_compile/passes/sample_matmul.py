@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
-from torch.utils.checkpoint import CheckpointPolicy
 
 from ..estimator import row_norms, wtacrs_sample
+from ..torch_internals import replay_in_backward
 from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, transposed_source, val
 from .match_matmuls import MatmulSite
 
@@ -108,7 +108,7 @@ def draw_forward_sample(
         if is_call(n, aten.rand_like.default):
             # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
             # re-runs this op under the RNG state saved in forward (functionalize_rng_ops).
-            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            replay_in_backward(n)
     return ForwardSample(idx, w, rows, k)
 
 

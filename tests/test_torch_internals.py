@@ -1,0 +1,123 @@
+"""The torch internals the backend depends on, each checked as it is used, on whichever torch
+runs the suite (2.14.1 pinned; 2.11 on the GPU machines).  When one of these fails after a
+torch upgrade, ``wtacrs_compile/torch_internals.py`` is the one file to adapt."""
+
+import ast
+import pathlib
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import CheckpointPolicy
+
+import wtacrs_compile
+from wtacrs_compile import torch_internals as ti
+from wtacrs_compile.graph_utils import PartitionerSettings, _RELAXED_BANS
+
+PACKAGE = pathlib.Path(wtacrs_compile.__file__).parent
+
+
+def _private_torch_uses(path: pathlib.Path):
+    """``torch._x`` imports and attribute chains in one source file (docstrings aside)."""
+    tree = ast.parse(path.read_text())
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torch."):
+            parts = node.module.split(".")
+            if any(p.startswith("_") for p in parts) or any(a.name.startswith("_") for a in node.names):
+                uses.append(node.module)
+        elif isinstance(node, ast.Import):
+            uses += [a.name for a in node.names if a.name.startswith("torch._")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id == "torch":
+                uses.append(f"torch.{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in ("_orig_mod", "_dynamo_static_input_type", "recompute"):
+            uses.append(repr(node.value))
+    return uses
+
+
+def test_private_torch_apis_only_in_torch_internals():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "torch_internals.py":
+            continue
+        uses = _private_torch_uses(path)
+        if uses:
+            offenders[str(path.relative_to(PACKAGE))] = uses
+    assert offenders == {}, "move these into wtacrs_compile/torch_internals.py"
+    assert _private_torch_uses(PACKAGE / "torch_internals.py"), "the scan finds what it looks for"
+
+
+def test_compile_hooks_exist_with_the_keywords_used():
+    import inspect
+
+    params = inspect.signature(ti.compile_fx).parameters
+    assert {"inner_compile", "config_patches"} <= set(params)
+    assert callable(ti.compile_fx_inner)
+    assert "uuid" in ti.CustomGraphPass.__abstractmethods__
+    assert hasattr(torch._inductor.config, "joint_custom_post_pass")
+
+
+def test_partitioner_config_keys():
+    for key in ("activation_memory_budget", "enable_autograd_cache"):
+        assert hasattr(ti.functorch_config, key), key
+    present = [k for k in _RELAXED_BANS if hasattr(ti.functorch_config, k)]
+    assert present, "none of the recomputation bans PartitionerSettings relaxes exists"
+    settings = PartitionerSettings(0.2)
+    with settings.active():
+        assert ti.functorch_config.activation_memory_budget == 0.2
+        assert ti.functorch_config.enable_autograd_cache is False
+
+
+def test_decompositions_keep_rand_like_whole():
+    table = ti.decompositions()
+    assert torch.ops.aten.addmm.default in table or torch.ops.aten.native_layer_norm.default in table
+    assert not any(getattr(op, "overloadpacket", None) is torch.ops.aten.rand_like for op in table)
+
+
+def test_make_fx_graph_traces_aten_ops_on_fake_tensors():
+    mode = FakeTensorMode()
+    with mode:
+        x = torch.empty(4, 3)
+    gm = ti.make_fx_graph(lambda t: (t * t).sum(-1).sqrt(), [x], mode)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.mul.Tensor in targets and torch.ops.aten.sqrt.default in targets
+    assert ti.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]) is mode
+
+
+def test_size_hint_of_a_symbolic_size():
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    sym = env.create_symintnode(env.create_symbol(7, ConstantSource("n")), hint=7)
+    assert ti.size_hint(sym * 3) == 21
+    assert not env.guards, "reading the hint adds no guard"
+
+
+def test_replay_tag_is_the_checkpoint_policy():
+    g = torch.fx.Graph()
+    node = g.placeholder("x")
+    ti.replay_in_backward(node)
+    assert node.meta["recompute"] is CheckpointPolicy.MUST_RECOMPUTE
+
+
+def test_dynamo_conventions():
+    m = nn.Linear(2, 2)
+    assert ti.original_module(torch.compile(m)) is m
+    assert ti.original_module(m) is m
+    assert ti.is_static_input(m.weight) and not ti.is_static_input(torch.zeros(2))
+    before = torch._inductor.config.fx_graph_cache
+    with ti.fresh_compiles():
+        assert torch._inductor.config.fx_graph_cache is False
+        assert ti.functorch_config.enable_autograd_cache is False
+    assert torch._inductor.config.fx_graph_cache == before
+
+
+@pytest.mark.parametrize("name", ["_scaled_dot_product_flash_attention_for_cpu_backward",
+                                  "_scaled_dot_product_efficient_attention_backward"])
+def test_fused_attention_names_are_real_ops(name):
+    assert name in ti.FUSED_ATTENTION_BACKWARD
+    assert hasattr(torch.ops.aten, name)

@@ -1,0 +1,157 @@
+"""Every private or unstable torch API the backend relies on, and nothing else.
+
+This is what breaks first on a new torch release: the rest of the package reaches torch's
+compiler only through the names below, and ``tests/test_torch_internals.py`` checks each one
+resolves and behaves as used, on whichever torch runs the tests (2.14.1 pinned; the GPU
+machines' 2.11).
+
+- Inductor: ``compile_fx`` / ``compile_fx_inner`` (the backend and the inspector wrap the inner
+  compile to read the forward and backward graphs), ``CustomGraphPass`` (the joint pass's base,
+  with ``uuid()`` for the FX graph cache), ``stable_topological_sort``, the decomposition table
+  replacement subgraphs are traced with, and its config (``fx_graph_cache``).
+- AOTAutograd: the min-cut partitioner (the planner partitions copies of the joint graph) and
+  ``torch._functorch.config`` (``activation_memory_budget``, the recomputation bans,
+  ``enable_autograd_cache``).
+- FX conventions: fake tensors in ``meta["val"]`` (``detect_fake_mode``), the activation
+  checkpointing tag ``meta["recompute"]`` that makes AOTAutograd replay a random op in backward,
+  size hints of symbolic shapes, ``make_fx``.
+- Dynamo: ``reset``, the ``_orig_mod`` of a compiled module, the static-input marker of lifted
+  parameters.
+- Op names of fused attention backward kernels (no ``bmm`` to sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch._functorch import config as functorch_config
+from torch._guards import detect_fake_mode
+from torch._inductor import config as inductor_config
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointPolicy
+
+__all__ = [
+    "CustomGraphPass",
+    "FUSED_ATTENTION_BACKWARD",
+    "compile_fx",
+    "compile_fx_inner",
+    "decompositions",
+    "detect_fake_mode",
+    "fresh_compiles",
+    "functorch_config",
+    "is_static_input",
+    "make_fx_graph",
+    "original_module",
+    "partition_joint",
+    "replay_in_backward",
+    "reset_dynamo",
+    "size_hint",
+    "stable_topological_sort",
+    "tree_leaves",
+]
+
+aten = torch.ops.aten
+
+tree_leaves = pytree.tree_leaves
+
+
+def size_hint(n: Any) -> int:
+    """A symbolic size's value at trace time, without adding a guard."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint as hint
+    except ImportError:  # torch < 2.12 (the GPU machines' 2.11)
+        from torch.fx.experimental.symbolic_shapes import hint_int as hint
+    return int(hint(n))
+
+
+@functools.lru_cache(None)
+def decompositions() -> Dict[Any, Callable]:
+    """Inductor's decomposition table, with ``rand_like`` kept whole: Inductor lowers it as a
+    fallback to eager's generator, and the partitioner treats it as random (never recomputed
+    in backward unless tagged, see :func:`replay_in_backward`)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    for op in list(table):
+        if getattr(op, "overloadpacket", None) is aten.rand_like:
+            del table[op]
+    return table
+
+
+def make_fx_graph(fn: Callable, example_vals: Sequence[Any], fake_mode) -> fx.GraphModule:
+    """Trace ``fn`` over fake values into an ATen graph with :func:`decompositions`."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with fake_mode:
+        return make_fx(fn, decomposition_table=decompositions(), tracing_mode="real")(*example_vals)
+
+
+def partition_joint(
+    gm: fx.GraphModule, num_fwd_outputs: int, static_input_indices: Optional[List[int]]
+) -> Tuple[fx.GraphModule, fx.GraphModule]:
+    """AOTAutograd's min-cut partition of a joint graph module, as Inductor runs it."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(
+        gm,
+        None,
+        compiler="inductor",
+        num_fwd_outputs=num_fwd_outputs,
+        static_lifetime_input_indices=static_input_indices,
+    )
+
+
+def replay_in_backward(node: fx.Node) -> None:
+    """Tag a random op so that, if the partitioner recomputes it in backward, AOTAutograd
+    replays it under the RNG state saved in forward (``functionalize_rng_ops``) instead of
+    drawing again."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
+def is_static_input(t: Any) -> bool:
+    """Parameters and buffers Dynamo lifted to graph inputs: what the partitioner treats as
+    free to save."""
+    return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
+
+
+def original_module(model: Any) -> Any:
+    """The module a ``torch.compile``-d wrapper holds (itself if not compiled)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def reset_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def fresh_compiles() -> Iterator[None]:
+    """Really compile: no Dynamo, AOTAutograd or FX graph cache may serve a graph (a hit would
+    skip the joint pass and the hooks that record what was compiled)."""
+    reset_dynamo()
+    try:
+        with functorch_config.patch(enable_autograd_cache=False), inductor_config.patch(fx_graph_cache=False):
+            yield
+    finally:
+        reset_dynamo()
+
+
+FUSED_ATTENTION_BACKWARD = frozenset(
+    {
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward",
+        "_scaled_dot_product_fused_attention_overrideable_backward",
+        "_flash_attention_backward",
+        "_efficient_attention_backward",
+        "flex_attention_backward",
+    }
+)
+"""Backward ops of fused attention kernels: attention products with no bmm to sample."""
