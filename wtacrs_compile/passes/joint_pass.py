@@ -1,15 +1,18 @@
 """The joint-graph pass Inductor runs before partitioning (``joint_custom_post_pass``).
 
-It ties the analysis, the planner and the rewrite together::
+Its stages, each taking and returning plain data (``docs/architecture.md``)::
 
-    sites    = find_weight_grad_matmuls(joint)           # match_matmuls.py
-    settings = config.resolve(site)                      # per-op ratio / mode / enabled
-    plan     = plan_memory.plan(joint, candidates, ...)  # measured on partitioned copies
-    for each site sampled: rewrite (sample_matmul.py)    # forward or backward draw
+    sites    = _analyse(joint)                # match_matmuls.py, match_bmm.py -> [MatmulSite]
+    resolved = _resolve(joint, sites)         # config rules, annotations     -> Resolved
+    baseline = _exact_baseline(joint)         # best exact partition          -> Baseline
+    outcome  = _plan_and_rewrite(...)         # plan_memory.py on copies, then one rewrite of
+                                              # the real graph (sample_*.py) -> Outcome
+    final    = _pack_masks(...)               # opt-in, pack_masks.py
+    report.ops = [_record(site, resolved, outcome) ...]
 
-and fills the :class:`~wtacrs_compile.report.CompileReport` with one record per matched op.
-Its ``uuid()`` hashes the package's source and the config, so Inductor's FX graph cache never
-serves a graph compiled under other settings.
+The pass object holds only what the compile gives it (config, parameters, report); the
+traced-subgraph cache lives for one call.  Its ``uuid()`` hashes the package's source and the
+config, so Inductor's FX graph cache never serves a graph compiled under other settings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import logging
 import pathlib
 import time
+from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch.fx as fx
@@ -50,6 +54,37 @@ def source_hash() -> str:
         h.update(path.relative_to(_PACKAGE).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@dataclass
+class Resolved:
+    """Stage 2's output: settings per site, the candidates, and why the others stay exact."""
+
+    sites: List[MatmulSite]
+    settings: Dict[str, OpSettings] = field(default_factory=dict)  # site node -> settings
+    candidates: List[MatmulSite] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)  # site node -> reason left exact
+
+
+@dataclass
+class Baseline:
+    """Stage 3's output: the best exact partition, and the forward nodes Inductor's default
+    partition saves (empty when the compile has no memory budget)."""
+
+    saved: SavedSet
+    inductor_roots: Set[str] = field(default_factory=set)
+
+
+@dataclass
+class Outcome:
+    """Stage 4's output: the planner's decisions, what the rewrite did, the partition of the
+    rewritten graph, and the facts the records report."""
+
+    decisions: Dict[str, plan_memory.Decision]
+    applied: plan_memory.Applied
+    final: SavedSet
+    drawn_in_backward: Set[str]  # forward draws the partition runs in backward
+    recomputed: Set[str]  # sites whose activation the budget recomputes exactly
 
 
 def _type_name(types) -> str:
@@ -104,119 +139,134 @@ class WTACRSJointPass(CustomGraphPass):
         return now
 
     def _run(self, graph: fx.Graph) -> None:
+        """The stages, in order; each takes and returns plain data (see docs/architecture.md)."""
         report = self.report
         # Earlier joint passes may leave the graph out of order (Inductor sorts after all of
         # them); copies for the planner need definitions before uses.
         stable_topological_sort(graph)
-        self._trace_cache: dict = {}
         report.joint_graph_before = str(graph)
+        cache: dict = {}  # traced replacement subgraphs, reused across the planner's copies
+        sites = self._analyse(graph)
+        resolved = self._resolve(graph, sites)
+        log.info(
+            "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
+            self.graph_tag, len(sites), len(resolved.candidates),
+            "s (Inductor's, then under the memory budget)" if self.partitioner and self.partitioner.budget < 1.0 else "",
+        )
+        t = time.perf_counter()
+        baseline = self._exact_baseline(graph)
+        t = self._stage("exact_baseline", t)
+        outcome = self._plan_and_rewrite(graph, resolved, baseline, cache, t)
+        final = outcome.final
+        if self.config.pack_masks:
+            final = self._pack_masks(graph, final, cache)
+
+        report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
+        report.baseline_saved_bytes = baseline.saved.activation_bytes
+        report.baseline_saved_tensors = dict(baseline.saved.activations)
+        report.wtacrs_saved_bytes = final.activation_bytes
+        report.saved_tensors = dict(final.activations)
+        report.joint_graph_after = str(graph)
+        report.ops = [self._record(site, resolved, outcome) for site in sites]
+
+    def _analyse(self, graph: fx.Graph) -> List[MatmulSite]:
+        """Stage 1: the weight-gradient matmuls (and, with ``ops`` naming it, attention bmms)."""
         sites = find_weight_grad_matmuls(graph, self.params)
         if "bmm" in self.config.ops:  # attention products; fused SDPA comes back as exact sites
             sites += find_bmm_sites(graph, self.params)
-        settings: Dict[str, OpSettings] = {}
-        candidates: List[MatmulSite] = []
-        skipped: Dict[str, str] = {}
+        return sites
+
+    def _resolve(self, graph: fx.Graph, sites: List[MatmulSite]) -> "Resolved":
+        """Stage 2: each site's settings from the config's rules and in-code annotations;
+        which sites are candidates and why the others stay exact."""
+        resolved = Resolved(sites)
         # Rules see the types of the op's module and of its parents; annotations come from
         # torch.fx.traceback.annotate metadata (wtacrs_compile.annotate).
         context = site_context(graph, sites)
         for site in sites:
             types, annotation = context[site.node]
             s = self.config.resolve(site.fqn, types, site.kind, annotation)
-            settings[site.node] = s
+            resolved.settings[site.node] = s
             k = s.k_for(site.n) if site.n > 0 else -1
             if not s.enabled:
-                skipped[site.node] = s.reason
+                resolved.skipped[site.node] = s.reason
             elif site.skip_reason:
-                skipped[site.node] = site.skip_reason
+                resolved.skipped[site.node] = site.skip_reason
             elif s.ratio >= 1.0:
-                skipped[site.node] = "ratio 1.0: exact"
+                resolved.skipped[site.node] = "ratio 1.0: exact"
             elif not site.dynamic_n and k >= site.n:
-                skipped[site.node] = f"k = {k} >= N = {site.n}: nothing to sample"
+                resolved.skipped[site.node] = f"k = {k} >= N = {site.n}: nothing to sample"
             else:
-                candidates.append(site)
-
+                resolved.candidates.append(site)
         warn_unmatched_rules(
             self.config,
             [(site.fqn, context[site.node][0], site.kind) for site in sites],
-            {i for s in settings.values() for i in s.rules},
+            {i for s in resolved.settings.values() for i in s.rules},
         )
+        return resolved
 
-        by_name = {s.node: s for s in sites}
+    def _plan_and_rewrite(
+        self, graph: fx.Graph, resolved: "Resolved", baseline: "Baseline", cache: dict, t: float
+    ) -> "Outcome":
+        """Stages 3-4: the planner decides on rewritten copies, then the real graph is
+        rewritten once with its decisions."""
+        by_name = {s.node: s for s in resolved.sites}
+        settings = resolved.settings
 
         def apply(g: fx.Graph, assign: Dict[str, str]) -> plan_memory.Applied:
-            return self._apply(g, [by_name[n] for n in assign], assign, settings)
+            return self._apply(g, [by_name[n] for n in assign], assign, settings, cache)
 
-        log.info(
-            "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
-            self.graph_tag, len(sites), len(candidates),
-            "s (Inductor's, then under the memory budget)" if self.partitioner and self.partitioner.budget < 1.0 else "",
+        candidates = resolved.candidates
+        if not candidates:
+            self.report.measurements["baseline"] = baseline.saved.activation_bytes
+            return Outcome({}, plan_memory.Applied(), baseline.saved, set(), self._recomputed_inputs(resolved.sites, baseline))
+        log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
+                 ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
+        result = plan_memory.plan(
+            graph,
+            candidates,
+            {s.node: settings[s.node].mode for s in candidates},
+            apply,
+            self.static_input_indices,
+            baseline=baseline.saved,
         )
-        t = time.perf_counter()
-        baseline = self._exact_baseline(graph)
-        t = self._stage("exact_baseline", t)
-        if candidates:
-            log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
-                     ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
-            result = plan_memory.plan(
-                graph,
-                candidates,
-                {s.node: settings[s.node].mode for s in candidates},
-                apply,
-                self.static_input_indices,
-                baseline=baseline,
-            )
-            report.measurements.update(result.measurements)
-            decisions = result.decisions
-            t = self._stage("plan", t)
-            applied = apply(graph, plan_memory.decisions_to_assign(decisions))
-            t = self._stage("rewrite", t)
-            final = result.final  # partitioned from an identical rewrite of a copy
-        else:
-            decisions, applied = {}, plan_memory.Applied()
-            final = baseline
-            report.measurements["baseline"] = baseline.activation_bytes
-        shared = applied.shared
-        self._feedback_sites = applied.feedback_sites
-
+        self.report.measurements.update(result.measurements)
+        t = self._stage("plan", t)
+        applied = apply(graph, plan_memory.decisions_to_assign(result.decisions))
+        self._stage("rewrite", t)
+        final = result.final  # partitioned from an identical rewrite of a copy
         # The partitioner need not save a forward draw's sample: it may recompute the whole
         # draw in backward from tensors it saves anyway (still unbiased: no forward op reads
         # the sample).  The planner turns such ops to compute or exact, except under mode
         # "all"; record where each remaining draw ran rather than assume it.
         saved_roots = plan_memory.saved_roots(final)
-        self._drawn_in_backward = {site for site, name in applied.rows.items() if name not in saved_roots}
-        self._sample_rows = dict(applied.rows)
-        self._recomputed = self._recomputed_inputs(sites, baseline)
+        drawn_in_backward = {site for site, name in applied.rows.items() if name not in saved_roots}
+        return Outcome(result.decisions, applied, final, drawn_in_backward, self._recomputed_inputs(resolved.sites, baseline))
 
-        if self.config.pack_masks:
-            final = self._pack_masks(graph, final)
-
-        report.inductor_saved_bytes = report.measurements.get("inductor", baseline.activation_bytes)
-        report.baseline_saved_bytes = baseline.activation_bytes
-        report.baseline_saved_tensors = dict(baseline.activations)
-        report.wtacrs_saved_bytes = final.activation_bytes
-        report.saved_tensors = dict(final.activations)
-        report.joint_graph_after = str(graph)
-        report.ops = [self._record(site, settings[site.node], decisions, skipped, shared) for site in sites]
-
-    def _pack_masks(self, graph: fx.Graph, saved: SavedSet) -> SavedSet:
-        """Pack the boolean masks the partition saves; keep it only if the bytes drop."""
+    def _pack_masks(self, graph: fx.Graph, saved: SavedSet, cache: dict) -> SavedSet:
+        """Stage 5 (opt-in): pack the boolean masks the partition saves; keep it only if the
+        bytes drop."""
         trial = copy_graph(graph)
-        if not pack_saved_masks(trial, saved.activations, self._trace_cache):
+        if not pack_saved_masks(trial, saved.activations, cache):
             return saved
         packed = partition_saved(trial, self.static_input_indices)
         if packed.activation_bytes >= saved.activation_bytes:
             return saved
-        self.report.packed_masks = pack_saved_masks(graph, saved.activations, self._trace_cache)
+        self.report.packed_masks = pack_saved_masks(graph, saved.activations, cache)
         self.report.measurements["packed_masks"] = packed.activation_bytes
         return packed
 
     def _apply(
-        self, graph: fx.Graph, sites: List[MatmulSite], assign: Dict[str, str], settings: Dict[str, OpSettings]
+        self,
+        graph: fx.Graph,
+        sites: List[MatmulSite],
+        assign: Dict[str, str],
+        settings: Dict[str, OpSettings],
+        cache: dict,
     ) -> plan_memory.Applied:
         """Rewrite ``sites`` of ``graph`` per ``assign``: which draws are shared, which forward
         sample node each site reads, which draws read the gradient-norm cache."""
         nodes = {n.name: n for n in graph.nodes}
-        cache = self._trace_cache
         draws: Dict[tuple, tuple] = {}
         applied = plan_memory.Applied()
         shared = applied.shared
@@ -259,20 +309,19 @@ class WTACRSJointPass(CustomGraphPass):
         graph.eliminate_dead_code()
         return applied
 
-    def _exact_baseline(self, graph: fx.Graph) -> SavedSet:
+    def _exact_baseline(self, graph: fx.Graph) -> "Baseline":
         """The best exact partition: under the compile's memory budget, with the partitioner's
         recomputation bans lifted where torch's budget solver returns its default partition
         (it does when the parameters outweigh the activations).  Recomputing exactly is the
         first tool for bytes; the planner measures sampling against this, not against
         Inductor's default."""
         p = self.partitioner
-        self._inductor_roots: Set[str] = set()
         if p is None or p.budget >= 1.0:
-            return partition_saved(graph, self.static_input_indices)
+            return Baseline(partition_saved(graph, self.static_input_indices))
         with p.unbudgeted():
             inductor = partition_saved(graph, self.static_input_indices)
         self.report.measurements["inductor"] = inductor.activation_bytes
-        self._inductor_roots = plan_memory.saved_roots(inductor)
+        inductor_roots = plan_memory.saved_roots(inductor)
         baseline = partition_saved(graph, self.static_input_indices)
         self.report.measurements["exact_budget"] = baseline.activation_bytes
         if baseline.activation_bytes >= inductor.activation_bytes and not p.relaxed:
@@ -284,21 +333,25 @@ class WTACRSJointPass(CustomGraphPass):
                     f"torch's activation_memory_budget={p.budget:g} returned the default partition "
                     f"(the parameters outweigh the activations); recomputation bans lifted instead"
                 )
-                return relaxed
+                return Baseline(relaxed, inductor_roots)
             p.restore_bans()
-        return baseline
+        return Baseline(baseline, inductor_roots)
 
-    def _recomputed_inputs(self, sites, baseline: SavedSet) -> Set[str]:
+    @staticmethod
+    def _recomputed_inputs(sites, baseline: "Baseline") -> Set[str]:
         """Sites whose activation Inductor's default partition saves and the exact budgeted
         partition recomputes instead (no sampling needed for those bytes)."""
-        inductor = self._inductor_roots
+        inductor = baseline.inductor_roots
         if not inductor:
             return set()
-        exact = plan_memory.saved_roots(baseline)
+        exact = plan_memory.saved_roots(baseline.saved)
         # x_key is "<root node>|<view chain>"
         return {s.node for s in sites if s.x_key.split("|")[0] in inductor - exact}
 
-    def _record(self, site, s: OpSettings, decisions, skipped, shared) -> OpRecord:
+    def _record(self, site: MatmulSite, resolved: "Resolved", outcome: "Outcome") -> OpRecord:
+        """Stage 6: the site's report record."""
+        s = resolved.settings[site.node]
+        skipped, decisions, shared = resolved.skipped, outcome.decisions, outcome.applied.shared
         # Records are plain data: a symbolic N (dynamic shapes) is reported at its traced size
         # (the expression goes in the reason), never as a SymInt that outlives the compile.
         n = site.n if site.n > 0 else traced_size(site.x_shape[0]) if site.x_shape else -1
@@ -315,7 +368,7 @@ class WTACRSJointPass(CustomGraphPass):
         # partitioner saved (nothing when it moved the draw into backward).
         after = before
         if decision == plan_memory.MEMORY:
-            in_backward = site.node in self._drawn_in_backward
+            in_backward = site.node in outcome.drawn_in_backward
             if in_backward:
                 reason += "; the partitioner runs this draw in backward from tensors it saves anyway"
             if measured is not None:
@@ -323,7 +376,7 @@ class WTACRSJointPass(CustomGraphPass):
             elif not in_backward:
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
                 after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
-        recomputed = site.node in self._recomputed
+        recomputed = site.node in outcome.recomputed
         if recomputed and decision != plan_memory.MEMORY:
             reason += "; its activation is recomputed exactly in backward (memory_budget), not saved"
         if site.dynamic_n and decision != "exact":
@@ -348,7 +401,7 @@ class WTACRSJointPass(CustomGraphPass):
             rules=list(s.rules),
             annotation=dict(s.annotation),
             shared_draw_with=shared.get(site.node),
-            grad_norm_feedback=site.node in self._feedback_sites,
-            sample=self._sample_rows.get(site.node),
+            grad_norm_feedback=site.node in outcome.applied.feedback_sites,
+            sample=outcome.applied.rows.get(site.node),
             recomputed=recomputed,
         )

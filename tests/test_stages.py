@@ -1,0 +1,97 @@
+"""Each stage of the joint pass on its own, on a joint graph captured without Inductor
+(tests/stage_harness.py): no model compile, well under a second per test."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from stage_harness import capture_joint, compiling, count
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def joint():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    return capture_joint(model, torch.randn(128, 64))
+
+
+def test_analyse_finds_both_weight_gradient_matmuls(joint):
+    graph = joint.graph()
+    sites = joint.joint_pass()._analyse(graph)
+    assert [s.kind for s in sites] == ["linear", "linear"]
+    assert {s.n for s in sites} == {128} and sorted(s.d for s in sites) == [64, 256]
+    nodes = {n.name: n for n in graph.nodes}
+    assert all(nodes[s.node].target is aten.mm.default for s in sites)
+
+
+def test_resolve_sorts_candidates_from_exact_sites(joint):
+    graph = joint.graph()
+    jp = joint.joint_pass()
+    resolved = jp._resolve(graph, jp._analyse(graph))
+    assert len(resolved.candidates) == 2 and resolved.skipped == {}
+    assert {s.ratio for s in resolved.settings.values()} == {0.3}
+
+    jp = joint.joint_pass(rules=[{"op": "linear", "ratio": 1.0}])
+    resolved = jp._resolve(graph, jp._analyse(graph))
+    assert resolved.candidates == []
+    assert set(resolved.skipped.values()) == {"ratio 1.0: exact"}
+
+
+def test_exact_baseline_recomputes_under_the_budget(joint):
+    graph = joint.graph()
+    jp = joint.joint_pass(memory_budget=0.1)
+    with compiling(jp, graph):
+        baseline = jp._exact_baseline(graph)
+    inductor = jp.report.measurements["inductor"]
+    # Inductor saves the ReLU output (128 x 256 float32); the budget recomputes it instead
+    assert inductor == 128 * 256 * 4 and baseline.inductor_roots == {"relu"}
+    assert baseline.saved.activation_bytes < inductor
+
+    jp = joint.joint_pass(memory_budget=None)
+    with compiling(jp, graph):
+        plain = jp._exact_baseline(graph)
+    assert plain.inductor_roots == set() and "inductor" not in jp.report.measurements
+
+
+def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
+    graph = joint.graph()
+    jp = joint.joint_pass(memory_budget=None)
+    sites = jp._analyse(graph)
+    with compiling(jp, graph):
+        resolved = jp._resolve(graph, sites)
+        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    assert {d.decision for d in outcome.decisions.values()} == {"compute"}
+    assert outcome.applied.rows == {} and outcome.drawn_in_backward == set()
+    names = {n.name for n in graph.nodes}
+    assert not any(s.node in names for s in sites), "the exact weight-gradient matmuls are gone"
+    assert count(graph, aten.topk.default) == 2  # one draw per site
+    assert count(graph, aten.mm.default) == 3  # two estimates and the input gradient
+
+
+def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):
+    graph = joint.graph()
+    jp = joint.joint_pass(memory_budget=None, mode="memory")
+    with compiling(jp, graph):
+        resolved = jp._resolve(graph, jp._analyse(graph))
+        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    measured = jp.report.measurements
+    assert "all_candidates" in measured and "plan" in measured
+    for name, d in outcome.decisions.items():
+        assert d.decision in ("memory", "exact"), d
+        if d.decision == "memory":
+            assert outcome.applied.rows[name] and name not in outcome.drawn_in_backward
+
+
+def test_record_is_plain_data_with_the_bytes(joint):
+    graph = joint.graph()
+    jp = joint.joint_pass(memory_budget=None)
+    sites = jp._analyse(graph)
+    with compiling(jp, graph):
+        resolved = jp._resolve(graph, sites)
+        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    records = [jp._record(site, resolved, outcome) for site in sites]
+    assert [r.decision for r in records] == ["compute", "compute"]
+    assert sorted(r.saved_bytes_before for r in records) == [128 * 64 * 4, 128 * 256 * 4]
+    assert all(r.k == 39 and r.to_dict()["shapes"]["x"][0] == 128 for r in records)  # ceil(0.3 * 128)
