@@ -17,6 +17,17 @@ def joint():
     return capture_joint(model, torch.randn(128, 64))
 
 
+def planned(joint, **options):
+    """Run analyse, resolve, baseline and plan-and-rewrite on a fresh copy of the joint graph."""
+    graph = joint.graph()
+    jp = joint.joint_pass(**options)
+    sites = jp._analyse(graph)
+    with compiling(jp, graph):
+        resolved = jp._resolve(graph, sites)
+        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    return graph, jp, sites, resolved, outcome
+
+
 def test_analyse_finds_both_weight_gradient_matmuls(joint):
     graph = joint.graph()
     sites = joint.joint_pass()._analyse(graph)
@@ -56,12 +67,7 @@ def test_exact_baseline_recomputes_under_the_budget(joint):
 
 
 def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
-    graph = joint.graph()
-    jp = joint.joint_pass(memory_budget=None)
-    sites = jp._analyse(graph)
-    with compiling(jp, graph):
-        resolved = jp._resolve(graph, sites)
-        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None)
     assert {d.decision for d in outcome.decisions.values()} == {"compute"}
     assert outcome.applied.rows == {} and outcome.drawn_in_backward == set()
     names = {n.name for n in graph.nodes}
@@ -71,11 +77,7 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
 
 
 def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):
-    graph = joint.graph()
-    jp = joint.joint_pass(memory_budget=None, mode="memory")
-    with compiling(jp, graph):
-        resolved = jp._resolve(graph, jp._analyse(graph))
-        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, mode="memory")
     measured = jp.report.measurements
     assert "all_candidates" in measured and "plan" in measured
     for name, d in outcome.decisions.items():
@@ -85,12 +87,7 @@ def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):
 
 
 def test_record_is_plain_data_with_the_bytes(joint):
-    graph = joint.graph()
-    jp = joint.joint_pass(memory_budget=None)
-    sites = jp._analyse(graph)
-    with compiling(jp, graph):
-        resolved = jp._resolve(graph, sites)
-        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None)
     records = [jp._record(site, resolved, outcome) for site in sites]
     assert [r.decision for r in records] == ["compute", "compute"]
     assert sorted(r.saved_bytes_before for r in records) == [128 * 64 * 4, 128 * 256 * 4]
