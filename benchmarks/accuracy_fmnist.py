@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,24 +139,7 @@ def main():
 
 
 def summarize(runs):
-    by = {}
-    for r in runs:
-        if "accuracy" in r:
-            by.setdefault(r["config"], {})[r["seed"]] = r["accuracy"]
-    exact = by.get("exact (inductor)", {})
-    out = {}
-    for name in [c for c in CONFIGS if c in by]:
-        accs = by[name]
-        vals = [accs[k] for k in sorted(accs)]
-        s = {"seeds": sorted(accs), "accuracies": vals, "mean": statistics.mean(vals),
-             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-        both = [k for k in accs if k in exact]
-        if both:
-            gaps = [accs[k] - exact[k] for k in both]
-            s["gap_to_exact"] = statistics.mean(gaps)
-            s["gap_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-        out[name] = s
-    return out
+    return common.summarize_accuracy(runs, list(CONFIGS))
 
 
 if __name__ == "__main__":

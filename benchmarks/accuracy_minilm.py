@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -198,24 +197,7 @@ def main():
 
 
 def summarize(runs):
-    by = {}
-    for r in runs:
-        if "accuracy" in r:
-            by.setdefault(r["config"], {})[r["seed"]] = r["accuracy"]
-    exact = by.get("exact (inductor)", {})
-    out = {}
-    for name in [c for c in CONFIGS if c in by]:
-        accs = by[name]
-        vals = list(accs.values())
-        s = {"seeds": sorted(accs), "accuracies": [accs[k] for k in sorted(accs)], "mean": statistics.mean(vals),
-             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-        common_seeds = [k for k in accs if k in exact]
-        if common_seeds:
-            gaps = [accs[k] - exact[k] for k in common_seeds]
-            s["gap_to_exact"] = statistics.mean(gaps)
-            s["gap_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-        out[name] = s
-    return out
+    return common.summarize_accuracy(runs, list(CONFIGS))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import re
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -322,3 +323,26 @@ def vm(key: str) -> int:
 def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def summarize_accuracy(runs: List[Dict[str, Any]], config_names: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Per configuration (in ``config_names`` order): accuracy per seed, mean and spread, and
+    the paired gap to the "exact (inductor)" run of the same seed."""
+    by: Dict[str, Dict[int, float]] = {}
+    for r in runs:
+        if "accuracy" in r:
+            by.setdefault(r["config"], {})[r["seed"]] = r["accuracy"]
+    exact = by.get("exact (inductor)", {})
+    out = {}
+    for name in [c for c in config_names if c in by]:
+        accs = by[name]
+        vals = [accs[k] for k in sorted(accs)]
+        s = {"seeds": sorted(accs), "accuracies": vals, "mean": statistics.mean(vals),
+             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        paired = [k for k in sorted(accs) if k in exact]
+        if paired:
+            gaps = [accs[k] - exact[k] for k in paired]
+            s["gap_to_exact"] = statistics.mean(gaps)
+            s["gap_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        out[name] = s
+    return out

@@ -12,7 +12,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .torch_internals import detect_fake_mode, functorch_config, make_fx_graph, partition_joint, size_hint
+from .torch_internals import (
+    detect_fake_mode,
+    functorch_config,
+    make_fx_graph,
+    partition_joint,
+    replay_in_backward,
+    size_hint,
+)
 
 aten = torch.ops.aten
 
@@ -181,6 +188,44 @@ def innermost_module(node: fx.Node, search_depth: int = 0) -> Tuple[str, Tuple[t
         neighbours = [a for n in frontier for a in (*n.all_input_nodes, *n.users)]
         frontier = [a for a in neighbours if a not in seen and not seen.add(a)]
     return "", ()
+
+
+def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any:
+    """Insert a traced forward draw over ``x`` right after it (and after the placeholders),
+    with ``x``'s module metadata; its noise (``rand_like``) is tagged to be replayed, never
+    redrawn, if the partitioner recomputes the draw in backward.  Returns the draw's outputs,
+    marked ``meta["wtacrs"] = "forward_sample"``."""
+    before = x.next
+    while before.op == "placeholder":
+        before = before.next
+    meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
+    existing = set(graph.nodes)
+    outs = insert_graph(graph, sub, [x], before=before, meta=meta)
+    for node in set(graph.nodes) - existing:
+        if is_call(node, aten.rand_like.default):
+            replay_in_backward(node)
+    for out in outs:
+        out.meta["wtacrs"] = "forward_sample"
+    return outs
+
+
+def replace_with_estimate(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule, args: Sequence[fx.Node]) -> fx.Node:
+    """Insert the traced estimate ``sub(*args)`` before the backward matmul ``node`` (with its
+    ``seq_nr`` and module metadata, so the partitioner and the report see it as that op's), and
+    replace ``node`` with it; the estimate must have the matmul's shape and dtype."""
+    meta = {key: node.meta[key] for key in ("seq_nr", "fwd_nn_module_stack", "stack_trace") if key in node.meta}
+    new = insert_graph(graph, sub, args, before=node, meta=meta)
+    old, ours = val(node), val(new)
+    static = all(isinstance(d, int) for d in (*old.shape, *ours.shape))  # comparing SymInts would guard
+    if (static and tuple(old.shape) != tuple(ours.shape)) or old.dtype != ours.dtype:
+        raise AssertionError(
+            f"wtacrs: estimate of {node.name} has shape {tuple(ours.shape)} {ours.dtype}, "
+            f"expected {tuple(old.shape)} {old.dtype}"
+        )
+    new.meta["wtacrs"] = "estimate"
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
 
 
 def fake_mode_of(graph: fx.Graph):

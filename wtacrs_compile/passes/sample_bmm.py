@@ -31,14 +31,13 @@ Rows of ``X`` are kept unscaled; the importance weights scale the rows of ``G`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
 
 from ..estimator import row_norms, wtacrs_sample
-from ..torch_internals import replay_in_backward
-from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, val
+from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_bmm import operand_rows
 from .match_matmuls import MatmulSite
 
@@ -83,38 +82,6 @@ def _product(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
     return torch.bmm(gs.transpose(1, 2), xs)
 
 
-def _tag_replayed_noise(inserted: set) -> None:
-    for n in inserted:
-        if is_call(n, aten.rand_like.default):
-            # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
-            # re-runs this op under the RNG state saved in forward.
-            replay_in_backward(n)
-
-
-def _after(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    """The node to insert before so that the insertion follows ``node`` and the placeholders."""
-    anchor = node.next
-    while anchor.op == "placeholder":
-        anchor = anchor.next
-    return anchor
-
-
-def _backward_meta(node: fx.Node) -> Dict:
-    return {key: node.meta[key] for key in ("seq_nr", "fwd_nn_module_stack", "stack_trace") if key in node.meta}
-
-
-def _replace(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
-    old, ours = val(node), val(new)
-    if tuple(old.shape) != tuple(ours.shape) or old.dtype != ours.dtype:
-        raise AssertionError(
-            f"wtacrs: estimate of {node.name} has shape {tuple(ours.shape)} {ours.dtype}, "
-            f"expected {tuple(old.shape)} {old.dtype}"
-        )
-    new.meta["wtacrs"] = "estimate"
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-
-
 def draw_bmm_forward_sample(
     graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
 ) -> BmmForwardSample:
@@ -127,12 +94,7 @@ def draw_bmm_forward_sample(
         return idx, w, gather_rows(rows, idx)
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic))
-    meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
-    existing = set(graph.nodes)
-    idx, w, rows = insert_graph(graph, sub, [x], before=_after(graph, x), meta=meta)
-    _tag_replayed_noise(set(graph.nodes) - existing)
-    for out in (idx, w, rows):
-        out.meta["wtacrs"] = "forward_sample"
+    idx, w, rows = insert_forward_draw(graph, sub, x)
     return BmmForwardSample(idx, w, rows, k)
 
 
@@ -147,7 +109,7 @@ def rewrite_bmm_with_forward_sample(
 
     args = [g, sample.idx, sample.weight, sample.rows]
     sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("bmm_fwd_estimate", g_t, site.x_side))
-    _replace(graph, node, insert_graph(graph, sub, args, before=node, meta=_backward_meta(node)))
+    replace_with_estimate(graph, node, sub, args)
 
 
 def rewrite_bmm_with_backward_sample(
@@ -163,4 +125,4 @@ def rewrite_bmm_with_backward_sample(
 
     key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, k, deterministic)
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
-    _replace(graph, node, insert_graph(graph, sub, [x, g], before=node, meta=_backward_meta(node)))
+    replace_with_estimate(graph, node, sub, [x, g])

@@ -28,14 +28,13 @@ float32), so a low-precision activation is stored bit-exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 
 from ..estimator import row_norms, wtacrs_sample
-from ..torch_internals import replay_in_backward
-from ..graph_utils import aten, fake_mode_of, insert_graph, is_call, trace, transposed_source, val
+from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, transposed_source, val
 from .match_matmuls import MatmulSite
 
 
@@ -99,41 +98,8 @@ def draw_forward_sample(
         return idx, w, rows[idx]
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, feedback))
-    anchor = x.next if x.op == "placeholder" else x.next
-    meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
-    idx, w, rows = insert_graph(graph, sub, [x], before=_first_non_placeholder(graph, anchor), meta=meta)
-    for out in (idx, w, rows):
-        out.meta["wtacrs"] = "forward_sample"
-    for n in _inserted_between(x, idx):
-        if is_call(n, aten.rand_like.default):
-            # Replayed, not redrawn: if the partitioner recomputes the draw in backward, it
-            # re-runs this op under the RNG state saved in forward (functionalize_rng_ops).
-            replay_in_backward(n)
+    idx, w, rows = insert_forward_draw(graph, sub, x)
     return ForwardSample(idx, w, rows, k)
-
-
-def _inserted_between(start: fx.Node, end: fx.Node):
-    node = start.next
-    while node is not end.next and node.op != "root":
-        yield node
-        node = node.next
-
-
-def _first_non_placeholder(graph: fx.Graph, anchor: fx.Node) -> fx.Node:
-    node = anchor
-    while node.op == "placeholder":
-        node = node.next
-    return node
-
-
-def _backward_meta(node: fx.Node) -> Dict:
-    return {key: node.meta[key] for key in ("seq_nr", "fwd_nn_module_stack", "stack_trace") if key in node.meta}
-
-
-def _replace(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
-    new.meta["wtacrs"] = "estimate"
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
 
 
 def rewrite_with_forward_sample(
@@ -160,8 +126,7 @@ def rewrite_with_forward_sample(
     sub = trace(
         estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("fwd_estimate", g_t, site.x_side, feedback)
     )
-    out = insert_graph(graph, sub, args, before=node, meta=_backward_meta(node))
-    _replace(graph, node, out)
+    replace_with_estimate(graph, node, sub, args)
 
 
 def rewrite_with_backward_sample(
@@ -177,5 +142,4 @@ def rewrite_with_backward_sample(
         return _apply(gs, xr[idx], site.x_side)
 
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, k, deterministic))
-    out = insert_graph(graph, sub, [x, g], before=node, meta=_backward_meta(node))
-    _replace(graph, node, out)
+    replace_with_estimate(graph, node, sub, [x, g])
