@@ -92,3 +92,16 @@ def test_record_is_plain_data_with_the_bytes(joint):
     assert [r.decision for r in records] == ["compute", "compute"]
     assert sorted(r.saved_bytes_before for r in records) == [128 * 64 * 4, 128 * 256 * 4]
     assert all(r.k == 39 and r.to_dict()["shapes"]["x"][0] == 128 for r in records)  # ceil(0.3 * 128)
+
+
+def test_pack_masks_packs_the_saved_relu_mask():
+    torch.manual_seed(0)
+    joint = capture_joint(nn.Sequential(nn.Linear(64, 256), nn.ReLU()), torch.randn(128, 64))
+    graph = joint.graph()
+    jp = joint.joint_pass(memory_budget=None, ratio=1.0, pack_masks=True)
+    with compiling(jp, graph):
+        saved = jp._exact_baseline(graph).saved
+        assert saved.activations == {"le": 128 * 256}, saved.activations  # ReLU's bool mask
+        packed = jp._pack_masks(graph, saved, {})
+    assert jp.report.packed_masks == ["le"]
+    assert packed.activation_bytes == 128 * 256 // 8
