@@ -94,7 +94,7 @@ def accuracy_table(res: Dict[str, Any]) -> str:
     ]
     for name, s in res["summary"].items():
         gap = s.get("gap_to_exact")
-        gap_s = "" if gap is None or name.startswith("exact") else f"{gap * 100:+.2f} +- {s.get('gap_std', 0) * 100:.2f}"
+        gap_s = "" if gap is None or name == "exact (inductor)" else f"{gap * 100:+.2f} +- {s.get('gap_std', 0) * 100:.2f}"
         lines.append(
             f"| {name} | {s['mean'] * 100:.2f} +- {s['std'] * 100:.2f} | {', '.join(map(str, s['seeds']))} | "
             f"{', '.join(f'{a * 100:.1f}' for a in s['accuracies'])} | {gap_s} |"
