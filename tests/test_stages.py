@@ -24,7 +24,7 @@ def planned(joint, **options):
     sites = jp._analyse(graph)
     with compiling(jp, graph):
         resolved = jp._resolve(graph, sites)
-        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {}, 0.0)
+        outcome = jp._plan_and_rewrite(graph, resolved, jp._exact_baseline(graph), {})
     return graph, jp, sites, resolved, outcome
 
 

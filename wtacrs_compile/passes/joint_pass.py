@@ -155,8 +155,8 @@ class WTACRSJointPass(CustomGraphPass):
         )
         t = time.perf_counter()
         baseline = self._exact_baseline(graph)
-        t = self._stage("exact_baseline", t)
-        outcome = self._plan_and_rewrite(graph, resolved, baseline, cache, t)
+        self._stage("exact_baseline", t)
+        outcome = self._plan_and_rewrite(graph, resolved, baseline, cache)
         final = outcome.final
         if self.config.pack_masks:
             final = self._pack_masks(graph, final, cache)
@@ -176,7 +176,7 @@ class WTACRSJointPass(CustomGraphPass):
             sites += find_bmm_sites(graph, self.params)
         return sites
 
-    def _resolve(self, graph: fx.Graph, sites: List[MatmulSite]) -> "Resolved":
+    def _resolve(self, graph: fx.Graph, sites: List[MatmulSite]) -> Resolved:
         """Stage 2: each site's settings from the config's rules and in-code annotations;
         which sites are candidates and why the others stay exact."""
         resolved = Resolved(sites)
@@ -205,9 +205,7 @@ class WTACRSJointPass(CustomGraphPass):
         )
         return resolved
 
-    def _plan_and_rewrite(
-        self, graph: fx.Graph, resolved: "Resolved", baseline: "Baseline", cache: dict, t: float
-    ) -> "Outcome":
+    def _plan_and_rewrite(self, graph: fx.Graph, resolved: Resolved, baseline: Baseline, cache: dict) -> Outcome:
         """Stages 3-4: the planner decides on rewritten copies, then the real graph is
         rewritten once with its decisions."""
         by_name = {s.node: s for s in resolved.sites}
@@ -222,6 +220,7 @@ class WTACRSJointPass(CustomGraphPass):
             return Outcome({}, plan_memory.Applied(), baseline.saved, set(), self._recomputed_inputs(resolved.sites, baseline))
         log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
                  ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
+        t = time.perf_counter()
         result = plan_memory.plan(
             graph,
             candidates,
@@ -309,7 +308,7 @@ class WTACRSJointPass(CustomGraphPass):
         graph.eliminate_dead_code()
         return applied
 
-    def _exact_baseline(self, graph: fx.Graph) -> "Baseline":
+    def _exact_baseline(self, graph: fx.Graph) -> Baseline:
         """The best exact partition: under the compile's memory budget, with the partitioner's
         recomputation bans lifted where torch's budget solver returns its default partition
         (it does when the parameters outweigh the activations).  Recomputing exactly is the
@@ -338,7 +337,7 @@ class WTACRSJointPass(CustomGraphPass):
         return Baseline(baseline, inductor_roots)
 
     @staticmethod
-    def _recomputed_inputs(sites, baseline: "Baseline") -> Set[str]:
+    def _recomputed_inputs(sites, baseline: Baseline) -> Set[str]:
         """Sites whose activation Inductor's default partition saves and the exact budgeted
         partition recomputes instead (no sampling needed for those bytes)."""
         inductor = baseline.inductor_roots
@@ -348,7 +347,7 @@ class WTACRSJointPass(CustomGraphPass):
         # x_key is "<root node>|<view chain>"
         return {s.node for s in sites if s.x_key.split("|")[0] in inductor - exact}
 
-    def _record(self, site: MatmulSite, resolved: "Resolved", outcome: "Outcome") -> OpRecord:
+    def _record(self, site: MatmulSite, resolved: Resolved, outcome: Outcome) -> OpRecord:
         """Stage 6: the site's report record."""
         s = resolved.settings[site.node]
         skipped, decisions, shared = resolved.skipped, outcome.decisions, outcome.applied.shared

@@ -92,15 +92,16 @@ def plan(
     """
     rows: Dict[str, str] = {}
 
-    trials = [0]
+    trials = 0
 
     def measure(assign: Dict[str, str]) -> SavedSet:
+        nonlocal trials
         g = copy_graph(graph)
         rows.clear()
         rows.update(apply(g, assign).rows)
-        trials[0] += 1
+        trials += 1
         saved = partition_saved(g, static_input_indices)
-        log.debug("wtacrs: trial partition %d (%d sites rewritten): %d B saved", trials[0], len(assign), saved.activation_bytes)
+        log.debug("wtacrs: trial partition %d (%d sites rewritten): %d B saved", trials, len(assign), saved.activation_bytes)
         return saved
 
     if baseline is None:
@@ -128,7 +129,8 @@ def plan(
         key = " + ".join(sorted(site_class(s) for s in members))
         classes.setdefault(key, []).extend(members)
 
-    log.info("wtacrs: %d forward-draw classes to measure: %d trial partitions", len(classes), len(classes) + 2)
+    log.info("wtacrs: %d forward-draw classes to measure: %d trial partitions (one more if a draw is not saved)",
+             len(classes), len(classes) + 2)
     everything = dict(forced)
     everything.update({s.node: MEMORY for s in tested})
     b_all = measure(everything).activation_bytes
