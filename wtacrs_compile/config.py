@@ -332,9 +332,9 @@ class WTACRSConfig:
         quickstart's learning (step-19 loss 0.23 against exact 0.10, linear only 0.15).
     pack_masks: store the boolean masks saved for backward (ReLU, dropout) as packed bits;
         lossless, 8x smaller.  Opt-in: Inductor fuses the packing into the kernel that makes
-        the mask, and for dropout masks that kernel slowed down 2.6x (MiniLM 32x64 on CPU,
-        compute mode without a budget: step time 1.33x Inductor's packed, 0.83x unpacked, for
-        16 MiB of 274 saved); under the default budget the masks are recomputed, not saved.
+        the mask, and for dropout masks that kernel slowed down 2.7x (MiniLM 32x64 on CPU,
+        compute mode without a budget: step time 1.50x Inductor's packed, 0.92x unpacked,
+        results/profile-minilm.json; for 16 MiB of 274 saved); under the default budget the masks are recomputed, not saved.
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
