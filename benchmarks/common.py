@@ -212,6 +212,7 @@ class Recorder:
 
         self.cfg = cfg
         self.saved: List[Optional[int]] = []  # per graph
+        self.flops: List[Dict[str, int]] = []  # per graph: compiled forward/backward matmul FLOPs
         self.wtacrs = None
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
@@ -231,17 +232,20 @@ class Recorder:
 
     def _inductor(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        from wtacrs_compile.graph_utils import saved_set
+        from wtacrs_compile.graph_utils import graph_flops, saved_set
 
         index = len(self.saved)
         self.saved.append(None)
+        self.flops.append({})
         forward: List[Any] = []
 
         def inner_compile(graph_module, inputs, **kw):
             if kw.get("is_backward"):
+                self.flops[index]["backward"] = graph_flops(graph_module)
                 if forward:
                     self.saved[index] = saved_set(forward[-1], graph_module).activation_bytes
             elif not kw.get("is_inference"):
+                self.flops[index]["forward"] = graph_flops(graph_module)
                 forward.append(graph_module)
             return compile_fx_inner(graph_module, inputs, **kw)
 
@@ -263,9 +267,18 @@ class Recorder:
                 "ops_memory": sum(op.decision == "memory" for op in ops),
                 "ops_compute": sum(op.decision == "compute" for op in ops),
                 "ops_exact": sum(op.decision == "exact" for op in ops),
+                **training_flops([r.flops.get("compiled", {}) for r in reports]),
             }
         return {"graphs": len(self.saved), "saved_bytes": last_training_graph(self.saved),
-                "saved_bytes_per_graph": list(self.saved)}
+                "saved_bytes_per_graph": list(self.saved), **training_flops(self.flops)}
+
+
+def training_flops(per_graph: List[Dict[str, int]]) -> Dict[str, Optional[int]]:
+    """Matmul-class FLOPs (torch.utils.flop_counter formulas) of the last graph compiled with
+    a backward, as :func:`last_training_graph` picks its bytes."""
+    trained = [f for f in per_graph if f.get("backward") is not None]
+    last = trained[-1] if trained else {}
+    return {"forward_flops": last.get("forward"), "backward_flops": last.get("backward")}
 
 
 def last_training_graph(per_graph: List[Optional[int]]) -> int:

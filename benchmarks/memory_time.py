@@ -28,6 +28,9 @@ Figures per configuration:
   configuration in a fresh subprocess instead (after setup and two warm-up steps; compiles
   everything twice).
   On CUDA: torch.cuda.max_memory_allocated of the step minus memory allocated before it.
+- forward_flops, backward_flops: FLOPs of the matmul-class ops (mm, addmm, bmm, attention) of
+  the compiled forward and backward graphs, by torch.utils.flop_counter's formulas on the
+  graphs' fake values; a budget's recomputed matmuls count in the backward.
 - max_batch_under_cap: largest batch whose saved activations fit --cap-gib, from the saved
   bytes per sample (saved activations are linear in the batch).
 """
@@ -199,6 +202,8 @@ def run(args) -> None:
                 e["saved_vs_inductor"] = e["saved_bytes"] / ind["saved_bytes"]
             if eag:
                 e["saved_vs_eager"] = e["saved_bytes"] / eag["saved_bytes"]
+        if ind and ind.get("backward_flops") and e.get("backward_flops") is not None:
+            e["backward_flops_vs_inductor"] = e["backward_flops"] / ind["backward_flops"]
 
     if not args.no_peak and args.peak_subprocess:
         for e in entries:
@@ -228,6 +233,7 @@ def run(args) -> None:
     Path(str(stem) + ".json").write_text(json.dumps(out, indent=1, default=str))
     cols = ["name", "status", "saved_bytes", "saved_vs_inductor", "saved_vs_eager", "peak_step_bytes",
             "step_s_median", "step_ratio_vs_inductor", "compile_s", "max_batch_under_cap",
+            "forward_flops", "backward_flops", "backward_flops_vs_inductor",
             "graphs", "ops", "ops_memory", "ops_compute", "ops_exact", "error"]
     with open(str(stem) + ".csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -238,6 +244,7 @@ def run(args) -> None:
     for e in entries:
         print(f"  {e['name']:<28} saved {e.get('saved_bytes', 0) / 2**20:8.1f} MiB "
               f"x{e.get('saved_vs_inductor', float('nan')):.2f} vs inductor  step x{e.get('step_ratio_vs_inductor') or float('nan'):.2f}"
+              f"  bw FLOPs x{e.get('backward_flops_vs_inductor') or float('nan'):.2f}"
               f"  compile {e.get('compile_s', float('nan')):6.1f} s  peak {e.get('peak_step_bytes', 0) / 2**20:8.1f} MiB  {e['status']}")
 
 

@@ -44,19 +44,19 @@ def memory_table(res: Dict[str, Any]) -> str:
         "",
         f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, {res['time']})",
         "",
-        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) | compile s | max batch, saved acts <= "
+        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) | backward matmul FLOPs vs Inductor | compile s | max batch, saved acts <= "
         f"{res['settings']['cap_gib']:g} GiB | ops memory/compute/exact |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for e in res["results"]:
         if e.get("status") != "ok":
-            lines.append(f"| {e['name']} | failed: {e.get('error', '')[:120]} | | | | | | | |")
+            lines.append(f"| {e['name']} | failed: {e.get('error', '')[:120]} | | | | | | | | |")
             continue
         saved = _mib(e.get("saved_bytes")) + (" (autograd)" if e["config"]["kind"] == "eager" else "")
         ops = (f"{e['ops_memory']}/{e['ops_compute']}/{e['ops_exact']}" if "ops" in e else "")
         lines.append(
             f"| {e['name']} | {saved} | {_x(e.get('saved_vs_inductor'))} | {_x(e.get('saved_vs_eager'))} | "
-            f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} | "
+            f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} | {_x(e.get('backward_flops_vs_inductor'))} | "
             f"{e.get('compile_s', 0):.1f} | {e.get('max_batch_under_cap', '')} | {ops} |"
         )
     by = {e["name"]: e for e in res["results"] if e.get("saved_bytes")}

@@ -14,7 +14,7 @@ import torch
 
 from .config import WTACRSConfig
 from .feedback import GradNormCache
-from .graph_utils import PartitionerSettings, saved_set
+from .graph_utils import PartitionerSettings, graph_flops, saved_set
 from .passes.joint_pass import WTACRSJointPass
 from .report import CompileReport, _log
 from .torch_internals import compile_fx, compile_fx_inner, is_static_input
@@ -87,11 +87,13 @@ class WTACRSBackend:
             if kw.get("is_backward"):
                 report.backward_graph = str(graph_module.graph)
                 report.graph_modules["backward"] = graph_module
+                report.flops.setdefault("compiled", {})["backward"] = graph_flops(graph_module)
                 if forward_graphs:
                     report.compiled_saved_bytes = saved_set(forward_graphs[-1], graph_module).activation_bytes
             elif not kw.get("is_inference"):
                 report.forward_graph = str(graph_module.graph)
                 report.graph_modules["forward"] = graph_module
+                report.flops.setdefault("compiled", {})["forward"] = graph_flops(graph_module)
                 forward_graphs.append(graph_module)
             return compile_fx_inner(graph_module, inputs, **kw)
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch.utils.flop_counter import flop_registry
 
 from .torch_internals import (
     detect_fake_mode,
@@ -278,6 +279,42 @@ def insert_graph(
 
 # --------------------------------------------------------------------------------------
 # Partitioning a copy of the joint graph: the planner's measuring stick.
+
+
+def graph_flops(graph: Any) -> int:
+    """FLOPs of a graph's matmul-class ops (mm, addmm, bmm, convolutions, fused attention),
+    counted with ``torch.utils.flop_counter``'s formulas on the nodes' fake values: what
+    ``FlopCounterMode`` would count running the graph, without running it.  Symbolic sizes
+    count at their traced size; nodes without values are not counted."""
+    graph = getattr(graph, "graph", graph)
+    total = 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+        out = node.meta.get("val")
+        if formula is None or out is None:
+            continue
+        missing = []
+
+        def value(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                v = a.meta.get("val")
+                if v is None:
+                    missing.append(a)
+                return v
+            return a
+
+        args, kwargs = fx.map_arg((node.args, node.kwargs), value)
+        if missing:
+            continue
+        total += traced_size(formula(*args, out_val=out, **kwargs))
+    return total
+
+
+def fw_bw_flops(saved: "SavedSet") -> Dict[str, int]:
+    """FLOPs of a partition's forward and backward graphs (see :func:`graph_flops`)."""
+    return {"forward": graph_flops(saved.fw), "backward": graph_flops(saved.bw)}
 
 
 @dataclass

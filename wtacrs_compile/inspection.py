@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from .backend import WTACRSBackend
 from .config import WTACRSConfig
-from .graph_utils import innermost_module, saved_set, tangent_dependent, tensor_nbytes
+from .graph_utils import graph_flops, innermost_module, saved_set, tangent_dependent, tensor_nbytes
 from .report import CompileReport
 from .torch_internals import compile_fx, compile_fx_inner, fresh_compiles, original_module, reset_dynamo, tree_leaves
 
@@ -88,6 +88,12 @@ class GraphInspection:
     @property
     def wtacrs_saved_bytes(self) -> int:
         return self.report.compiled_saved_bytes or 0
+
+    def flops(self, after: bool) -> Dict[str, Optional[int]]:
+        """FLOPs of the matmul-class ops of the compiled forward and backward graphs, plain
+        Inductor's or wtacrs' (:func:`~wtacrs_compile.graph_utils.graph_flops`)."""
+        modules = (getattr(self.report, "graph_modules", None) or {}) if after else self.baseline.modules
+        return {kind: graph_flops(modules[kind]) if kind in modules else None for kind in ("forward", "backward")}
 
     def graph_text(self, kind: str, after: bool) -> str:
         """The ``kind`` graph before (plain Inductor) or after (wtacrs) the pass."""
@@ -147,6 +153,8 @@ class GraphInspection:
             "packed_masks": list(getattr(self.report, "packed_masks", []) or []),
             "measurements": dict(self.report.measurements),
             "compile_seconds": dict(self.report.compile_seconds),
+            "flops": {"torch.compile": self.flops(False), "wtacrs": self.flops(True)},
+            "planned_flops": {k: dict(v) for k, v in self.report.flops.items()},
         }
         if graphs:
             d["graphs"] = {
@@ -196,6 +204,13 @@ class InspectReport:
         for g in self.graphs:
             for op in g.report.ops:
                 decisions[op.decision] = decisions.get(op.decision, 0) + 1
+        flops: Dict[str, Dict[str, Optional[int]]] = {}
+        for side, rewritten in (("torch.compile", False), ("wtacrs", True)):
+            per_graph = [g.flops(rewritten) for g in self.graphs]
+            flops[side] = {
+                kind: None if any(f[kind] is None for f in per_graph) else sum(f[kind] for f in per_graph)
+                for kind in ("forward", "backward")
+            }
         planned_base = [g.report.baseline_saved_bytes for g in self.graphs]
         planned_after = [g.report.wtacrs_saved_bytes for g in self.graphs]
         return {
@@ -208,6 +223,8 @@ class InspectReport:
             # pass changed the partition
             "planned_baseline_saved_bytes": None if None in planned_base else sum(planned_base),
             "planned_wtacrs_saved_bytes": None if None in planned_after else sum(planned_after),
+            # matmul-class FLOPs of the compiled graphs (forward, backward), both compiles
+            "flops": flops,
             "graphs": len(self.graphs),
             "ops": sum(decisions.values()),
             "decisions": dict(sorted(decisions.items())),

@@ -36,6 +36,10 @@ class OpRecord:
     # the memory budget recomputes it in backward instead (no sampling involved)
     recomputed: bool = False
     sample: Optional[str] = None  # forward-drawn ops: the joint-graph node of the k sampled rows
+    # FLOPs of this op's weight-gradient matmul, exact (2 N D_in D_out per product) and as
+    # rewritten (2 k D_in D_out when sampled); the draw's own elementwise work is not in it
+    flops_before: int = 0
+    flops_after: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,6 +67,12 @@ class CompileReport:
     # "inductor_forward" / "inductor_backward" (code generation) and "backend" (the whole
     # backend call: AOTAutograd's tracing and partition, the pass, Inductor).
     compile_seconds: Dict[str, float] = field(default_factory=dict)
+    # FLOPs of matmul-class ops (torch.utils.flop_counter's formulas) per partition, each
+    # {"forward": f, "backward": b}: "inductor" (default partition, no rewrite), "baseline"
+    # (the exact partition under the memory budget: its backward includes what it
+    # recomputes), "wtacrs" (the pass's partition of the rewritten graph) and "compiled" (the
+    # graphs Inductor compiled; "backward" appears when the backward compiles).
+    flops: Dict[str, Dict[str, int]] = field(default_factory=dict)
     # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
     graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -91,6 +101,7 @@ class CompileReport:
             "packed_masks": list(self.packed_masks),
             "partitioner_note": self.partitioner_note,
             "compile_seconds": dict(self.compile_seconds),
+            "flops": {k: dict(v) for k, v in self.flops.items()},
         }
         if graphs:
             d["graphs"] = {

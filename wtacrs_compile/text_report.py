@@ -26,11 +26,22 @@ LEGEND = (
     "  torch.compile -> wtacrs; a tensor kept for other ops too (a LayerNorm or GeLU input X is",
     "  recomputed from) counts here as well, so these do not add up (names: --json).",
     "measured: saved bytes the op's class removed in the pass's partitioner trials.",
+    "dW FLOPs: the weight-gradient matmul's, exact -> as rewritten (2 k D_in D_out when sampled).",
 )
 
 
 def nbytes(n: Any) -> str:
     return "-" if n is None else f"{n:,}"
+
+
+def si(n: Any) -> str:
+    """A count in engineering units: 1.57M, 302k."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
 
 
 def _arrow(before: Any, after: Any) -> str:
@@ -102,12 +113,13 @@ def format_report(report: Any, diff: bool = False, joint: bool = False, color: b
                     + (" (shared)" if op.get("shared_draw_with") else ""),
                     _arrow(op.get("compiled_reads_before"), op.get("compiled_reads_after")),
                     nbytes(measured),
+                    f"{si(op.get('flops_before'))} -> {si(op.get('flops_after'))}",
                     f"[{note}]" if note else "",
                 ]
             )
         header = (["graph"] if multi else []) + [
             "module", "kind", "X", "G", "dtype", "k/N", "decision",
-            "bytes before -> after", "compiled reads", "measured", "reason",
+            "bytes before -> after", "compiled reads", "measured", "dW FLOPs", "reason",
         ]
         shift = 1 if multi else 0
         out += _table(header, rows, right=(5 + shift, 9 + shift))
@@ -137,6 +149,19 @@ def format_report(report: Any, diff: bool = False, joint: bool = False, color: b
             "the compiled graphs differ from it"
         )
     out.append("")
+
+    flops = totals["flops"]
+    if any(v is not None for side in flops.values() for v in side.values()):
+        out.append("FLOPs of matmul-class ops (compiled graphs, torch.utils.flop_counter formulas):")
+        rows = []
+        for side, label in (("torch.compile", "torch.compile (Inductor)"), ("wtacrs", "wtacrs")):
+            f = flops[side]
+            rows.append([label, nbytes(f["forward"]), nbytes(f["backward"])])
+        base_bw, after_bw = flops["torch.compile"]["backward"], flops["wtacrs"]["backward"]
+        rows[0].append("")
+        rows[1].append(f"{after_bw / base_bw:.3f}x backward" if base_bw and after_bw is not None else "")
+        out += _table(["", "forward", "backward", ""], rows, right=(1, 2))
+        out.append("")
 
     for g in report.graphs:
         removed, added = g.saved_tensor_changes()

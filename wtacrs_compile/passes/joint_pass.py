@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
-from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, partition_saved, traced_size
+from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, partition_saved, traced_size
 from ..report import CompileReport, OpRecord
 from ..torch_internals import CustomGraphPass, stable_topological_sort
 from . import plan_memory
@@ -166,6 +166,9 @@ class WTACRSJointPass(CustomGraphPass):
         report.baseline_saved_tensors = dict(baseline.saved.activations)
         report.wtacrs_saved_bytes = final.activation_bytes
         report.saved_tensors = dict(final.activations)
+        report.flops.setdefault("inductor", fw_bw_flops(baseline.saved))  # no budget: the same partition
+        report.flops["baseline"] = fw_bw_flops(baseline.saved)
+        report.flops["wtacrs"] = fw_bw_flops(final)
         report.joint_graph_after = str(graph)
         report.ops = [self._record(site, resolved, outcome) for site in sites]
 
@@ -320,6 +323,7 @@ class WTACRSJointPass(CustomGraphPass):
         with p.unbudgeted():
             inductor = partition_saved(graph, self.static_input_indices)
         self.report.measurements["inductor"] = inductor.activation_bytes
+        self.report.flops["inductor"] = fw_bw_flops(inductor)
         inductor_roots = plan_memory.saved_roots(inductor)
         baseline = partition_saved(graph, self.static_input_indices)
         self.report.measurements["exact_budget"] = baseline.activation_bytes
@@ -357,6 +361,8 @@ class WTACRSJointPass(CustomGraphPass):
         k = s.k_for(n) if n > 0 else -1
         elem = site.dtype.itemsize
         before = site.batch * n * site.d * elem if n > 0 and site.d > 0 else 0
+        d_out = traced_size(site.g_shape[-1]) if site.g_shape else 0
+        flops_before = 2 * site.batch * n * site.d * d_out if n > 0 and site.d > 0 and d_out > 0 else 0
         if site.node in skipped:
             decision, reason, measured = "exact", skipped[site.node], None
         else:
@@ -375,6 +381,8 @@ class WTACRSJointPass(CustomGraphPass):
             elif not in_backward:
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
                 after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
+        sampled = decision in (plan_memory.MEMORY, plan_memory.COMPUTE) and 0 < k < n
+        flops_after = 2 * site.batch * k * site.d * d_out if sampled and flops_before else flops_before
         recomputed = site.node in outcome.recomputed
         if recomputed and decision != plan_memory.MEMORY:
             reason += "; its activation is recomputed exactly in backward (memory_budget), not saved"
@@ -403,4 +411,6 @@ class WTACRSJointPass(CustomGraphPass):
             grad_norm_feedback=site.node in outcome.applied.feedback_sites,
             sample=outcome.applied.rows.get(site.node),
             recomputed=recomputed,
+            flops_before=flops_before,
+            flops_after=flops_after,
         )
