@@ -46,7 +46,6 @@ def test_compute_mode_backward_flops_drop_by_the_per_op_savings():
     report = _step(_mlp(), wtacrs_compile.backend(ratio=0.25, memory_budget=None))
     flops = report.flops
     assert set(flops) == {"inductor", "baseline", "wtacrs", "compiled"}
-    assert flops["compiled"] == flops["wtacrs"]  # the pass's partition is the compiled one
     assert flops["compiled"]["forward"] == flops["inductor"]["forward"]  # forward untouched
     dims = [(64, 128), (128, 64), (64, 32)]
     assert [op.decision for op in report.ops] == ["compute"] * 3

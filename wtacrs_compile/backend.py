@@ -89,7 +89,14 @@ class WTACRSBackend:
                 report.graph_modules["backward"] = graph_module
                 report.flops.setdefault("compiled", {})["backward"] = graph_flops(graph_module)
                 if forward_graphs:
-                    report.compiled_saved_bytes = saved_set(forward_graphs[-1], graph_module).activation_bytes
+                    saved = saved_set(forward_graphs[-1], graph_module)
+                    report.compiled_saved_bytes = saved.activation_bytes
+                    if report.wtacrs_saved_bytes is None and report.baseline_saved_bytes is not None:
+                        # The pass planned backward draws only and left the partition to this
+                        # compile instead of a trial partition: its figures are the compiled ones.
+                        report.wtacrs_saved_bytes = saved.activation_bytes
+                        report.saved_tensors = dict(saved.activations)
+                        report.flops["wtacrs"] = dict(report.flops["compiled"])
             elif not kw.get("is_inference"):
                 report.forward_graph = str(graph_module.graph)
                 report.graph_modules["forward"] = graph_module

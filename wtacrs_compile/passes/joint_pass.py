@@ -82,7 +82,7 @@ class Outcome:
 
     decisions: Dict[str, plan_memory.Decision]
     applied: plan_memory.Applied
-    final: SavedSet
+    final: Optional[SavedSet]  # None: not partitioned here (backward draws only)
     drawn_in_backward: Set[str]  # forward draws the partition runs in backward
     recomputed: Set[str]  # sites whose activation the budget recomputes exactly
 
@@ -159,16 +159,21 @@ class WTACRSJointPass(CustomGraphPass):
         outcome = self._plan_and_rewrite(graph, resolved, baseline, cache)
         final = outcome.final
         if self.config.pack_masks:
+            if final is None:
+                final = partition_saved(graph, self.static_input_indices)
             final = self._pack_masks(graph, final, cache)
 
         report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
         report.baseline_saved_bytes = baseline.saved.activation_bytes
         report.baseline_saved_tensors = dict(baseline.saved.activations)
-        report.wtacrs_saved_bytes = final.activation_bytes
-        report.saved_tensors = dict(final.activations)
         report.flops.setdefault("inductor", fw_bw_flops(baseline.saved))  # no budget: the same partition
         report.flops["baseline"] = fw_bw_flops(baseline.saved)
-        report.flops["wtacrs"] = fw_bw_flops(final)
+        if final is not None:
+            report.wtacrs_saved_bytes = final.activation_bytes
+            report.saved_tensors = dict(final.activations)
+            report.flops["wtacrs"] = fw_bw_flops(final)
+        # else: backward draws only; the backend fills these from the graphs Inductor
+        # partitions and compiles (see backend.py), without a trial partition here
         report.joint_graph_after = str(graph)
         report.ops = [self._record(site, resolved, outcome) for site in sites]
 
@@ -241,7 +246,7 @@ class WTACRSJointPass(CustomGraphPass):
         # draw in backward from tensors it saves anyway (still unbiased: no forward op reads
         # the sample).  The planner turns such ops to compute or exact, except under mode
         # "all"; record where each remaining draw ran rather than assume it.
-        saved_roots = plan_memory.saved_roots(final)
+        saved_roots = plan_memory.saved_roots(final) if final is not None else set()
         drawn_in_backward = {site for site, name in applied.rows.items() if name not in saved_roots}
         return Outcome(result.decisions, applied, final, drawn_in_backward, self._recomputed_inputs(resolved.sites, baseline))
 

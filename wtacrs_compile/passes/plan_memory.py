@@ -19,7 +19,9 @@ stack of layers:
 4. a final partition of the chosen plan is compared with the unsampled baseline; a plan that
    does not lower the saved bytes is dropped whole.
 
-That is ``2 + #classes`` partitioner runs, whatever the depth of the model.
+That is ``2 + #classes`` partitioner runs, whatever the depth of the model; none when only
+backward draws (``compute``) are asked for: they change no decision by bytes, and the
+partition Inductor runs after the pass is the one the report reads.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def saved_roots(saved: SavedSet) -> Set[str]:
 class PlanResult:
     decisions: Dict[str, Decision]  # site node name -> decision
     baseline: SavedSet
-    final: Optional[SavedSet] = None  # the partition of the chosen plan (baseline if none)
+    # the partition of the chosen plan (baseline if none); None when only backward draws were
+    # planned: nothing was measured, the compiled graphs tell
+    final: Optional[SavedSet] = None
     measurements: Dict[str, int] = field(default_factory=dict)  # trial name -> saved bytes
 
 
@@ -117,7 +121,10 @@ def plan(
         decisions[name] = Decision(COMPUTE, "mode 'compute': sampled in backward")
     tested = [s for s in candidates if modes[s.node] in ("memory", "memory+compute")]
     if not tested:
-        result.final = measure(decisions_to_assign(decisions)) if decisions else baseline
+        # Backward draws decide nothing by bytes: with no forward draw to locate, the rewritten
+        # graph's partition is left to the one Inductor runs anyway (the report reads it off
+        # the compiled graphs) instead of paying a trial partition for the report.
+        result.final = measure(decisions_to_assign(decisions)) if forced else None
         return result
 
     # Sites reading one activation share a draw (one unit); units alike form a class.
