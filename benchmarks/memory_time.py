@@ -66,7 +66,9 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int, help="tokens (BERT/MiniLM/T5 encoder); ViT is 197")
     p.add_argument("--layers", type=int, help="fewer layers than the real shape (said so in the output)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds after warm-up")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved timed rounds after warm-up; 0: no step times (bytes and FLOPs only, "
+                        "for a machine that is not quiet)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cap-gib", type=float, default=8.0, help="saved-activation cap for max_batch_under_cap")
     p.add_argument("--no-modes", action="store_true", help="only ratios, no planner modes")
@@ -179,6 +181,10 @@ def run(args) -> None:
             e["peak_method"] = "in-process: VmHWM during one step minus VmRSS before it"
     ref = statistics.median(times["inductor"]) if times.get("inductor") else None
     for e in live:
+        if not times[e["name"]]:  # --rounds 0: not timed
+            e["step_s_median"] = e["step_ratio_vs_inductor"] = e["compile_s"] = None
+            del e["_run"]
+            continue
         med = statistics.median(times[e["name"]])
         e["step_s_median"] = med
         e["step_s_all"] = times[e["name"]]
@@ -245,7 +251,7 @@ def run(args) -> None:
         print(f"  {e['name']:<28} saved {e.get('saved_bytes', 0) / 2**20:8.1f} MiB "
               f"x{e.get('saved_vs_inductor', float('nan')):.2f} vs inductor  step x{e.get('step_ratio_vs_inductor') or float('nan'):.2f}"
               f"  bw FLOPs x{e.get('backward_flops_vs_inductor') or float('nan'):.2f}"
-              f"  compile {e.get('compile_s', float('nan')):6.1f} s  peak {e.get('peak_step_bytes', 0) / 2**20:8.1f} MiB  {e['status']}")
+              f"  compile {e.get('compile_s') or float('nan'):6.1f} s  peak {e.get('peak_step_bytes', 0) / 2**20:8.1f} MiB  {e['status']}")
 
 
 def peak_in_subprocess(args, name: str) -> dict:

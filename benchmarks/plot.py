@@ -34,9 +34,9 @@ def _color(e):
     return COLORS[kind]
 
 
-def _frontier(ax, entries, key, which, color, label):
+def _frontier(ax, entries, key, ykey, which, color, label):
     """Connect one family's points (the exact budgets, or wtacrs's) in order of bytes."""
-    pts = sorted((e[key] / 2**20, e["step_ratio_vs_inductor"]) for e in entries
+    pts = sorted((e[key] / 2**20, e[ykey]) for e in entries
                  if e["config"].get("frontier") == which and e.get(key))
     if len(pts) > 1:
         ax.plot(*zip(*pts), color=color, lw=1, alpha=0.7, label=label)
@@ -44,7 +44,13 @@ def _frontier(ax, entries, key, which, color, label):
 
 def plot_memory(path: Path) -> Path:
     res = json.loads(path.read_text())
-    ok = [e for e in res["results"] if e.get("status") == "ok" and e.get("step_ratio_vs_inductor")]
+    ok = [e for e in res["results"] if e.get("status") == "ok"]
+    # Step time against bytes; a run without timed rounds (--rounds 0) plots the backward's
+    # matmul FLOPs instead.
+    ykey, ylabel = "step_ratio_vs_inductor", "median step time / Inductor's (same run)"
+    if not any(e.get(ykey) for e in ok):
+        ykey, ylabel = "backward_flops_vs_inductor", "backward matmul FLOPs / Inductor's (counted)"
+    ok = [e for e in ok if e.get(ykey)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in (
         (axes[0], "saved_bytes", "saved activations (MiB; eager: autograd saved tensors)"),
@@ -53,18 +59,18 @@ def plot_memory(path: Path) -> Path:
         for e in ok:
             if not e.get(key):
                 continue
-            x, y = e[key] / 2**20, e["step_ratio_vs_inductor"]
+            x, y = e[key] / 2**20, e[ykey]
             ax.scatter(x, y, color=_color(e), s=40)
             ax.annotate(e["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            if e.get("step_ratio_min_max"):  # the spread over interleaved rounds
+            if ykey == "step_ratio_vs_inductor" and e.get("step_ratio_min_max"):  # spread over rounds
                 lo, hi = e["step_ratio_min_max"]
                 ax.vlines(x, lo, hi, color=_color(e), lw=0.8, alpha=0.6)
-        _frontier(ax, ok, key, "exact", "tab:cyan", "exact: activation_memory_budget 1.0 / 0.5 / 0.3 / 0.1")
-        _frontier(ax, ok, key, "wtacrs", "tab:red", "wtacrs compute mode at the same budgets")
+        _frontier(ax, ok, key, ykey, "exact", "tab:cyan", "exact: activation_memory_budget 1.0 / 0.5 / 0.3 / 0.1")
+        _frontier(ax, ok, key, ykey, "wtacrs", "tab:red", "wtacrs compute mode at the same budgets")
         ax.axhline(1.0, color="tab:blue", lw=0.5, ls="--")
         ax.legend(fontsize=7, loc="upper right")
         ax.set_xlabel(label)
-        ax.set_ylabel("median step time / Inductor's (same run)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     m = res["model"]
     layers = f", {m['layers_reduced_to']} layers" if m.get("layers_reduced_to") else ""

@@ -28,6 +28,10 @@ def _x(v: Optional[float]) -> str:
     return "" if v in (None, "") else f"{v:.2f}x"
 
 
+def _seconds(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
 def _ratio(e: Dict[str, Any]) -> str:
     """The median step-time ratio, with its spread over interleaved rounds when recorded."""
     spread = e.get("step_ratio_min_max")
@@ -57,7 +61,7 @@ def memory_table(res: Dict[str, Any]) -> str:
         lines.append(
             f"| {e['name']} | {saved} | {_x(e.get('saved_vs_inductor'))} | {_x(e.get('saved_vs_eager'))} | "
             f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} | {_x(e.get('backward_flops_vs_inductor'))} | "
-            f"{e.get('compile_s', 0):.1f} | {e.get('max_batch_under_cap', '')} | {ops} |"
+            f"{_seconds(e.get('compile_s'))} | {e.get('max_batch_under_cap', '')} | {ops} |"
         )
     by = {e["name"]: e for e in res["results"] if e.get("saved_bytes")}
     notes = [f"Note: {res['note']}"] if res.get("note") else []

@@ -78,3 +78,26 @@ def test_results_file_filled_by_several_runs_records_one_command_for_all():
         "python benchmarks/accuracy_minilm.py --out r.json --epochs 2 --seeds 0 2 "
         "--configs 'exact (inductor)' 'wtacrs r=0.3'"
     )
+
+
+def test_untimed_run_reports_bytes_and_flops_only(tmp_path):
+    # memory_time.py --rounds 0 (a machine that is not quiet): no step time, no compile time,
+    # and the backward FLOPs column still filled
+    untimed = {"step_ratio_vs_inductor": None, "compile_s": None}
+    res = {
+        "command": "python benchmarks/memory_time.py --model t5-base --rounds 0",
+        "machine": {"device": "cpu", "cpu_count": 2, "torch": "2.14.1"},
+        "model": {"name": "t5-base", "description": "T5", "batch": 4},
+        "settings": {"cap_gib": 8.0},
+        "time": "now",
+        "results": [
+            _entry("inductor", "inductor", 2 * 2**20, backward_flops_vs_inductor=1.0, **untimed),
+            _entry("wtacrs default", "wtacrs", 2**20, backward_flops_vs_inductor=0.93, **untimed),
+        ],
+    }
+    (tmp_path / "memory_time-t5-base.json").write_text(json.dumps(res))
+    text = report.generate(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| wtacrs default |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "" and cells[7] == "", row  # step time, compile time
+    assert cells[6] == "0.93x", row  # backward FLOPs vs Inductor
