@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -96,17 +98,47 @@ def accuracy_table(res: Dict[str, Any]) -> str:
         "| configuration | test accuracy % (mean +- std over seeds) | seeds | per seed | gap to exact, points (mean +- std of per-seed gaps) |",
         "| --- | ---: | --- | --- | ---: |",
     ]
+    streams = exact_streams(res["summary"])
+    if streams:
+        lines[-2] += f" gap to the mean of the {len(streams)} exact runs of each seed, points (mean +- standard error) |"
+        lines[-1] += " ---: |"
     for name, s in res["summary"].items():
         gap = s.get("gap_to_exact")
         gap_s = "" if gap is None or name == "exact (inductor)" else f"{gap * 100:+.2f} +- {s.get('gap_std', 0) * 100:.2f}"
-        lines.append(
+        row = (
             f"| {name} | {s['mean'] * 100:.2f} +- {s['std'] * 100:.2f} | {', '.join(map(str, s['seeds']))} | "
             f"{', '.join(f'{a * 100:.1f}' for a in s['accuracies'])} | {gap_s} |"
         )
+        if streams:
+            g = None if name in streams else gap_to_exact_streams(s, streams)
+            row += "" if g is None else f" {g[0] * 100:+.2f} +- {g[1] * 100:.2f} (n={g[2]})"
+            row += " |"
+        lines.append(row)
     failed = [r for r in res["runs"] if r.get("status") == "failed"]
     for r in failed:
-        lines.append(f"| {r['config']} (seed {r['seed']}) | failed: {r['error'][:120]} | | | |")
+        lines.append(f"| {r['config']} (seed {r['seed']}) | failed: {r['error'][:120]} | | | |" + (" |" if streams else ""))
     return "\n".join(lines)
+
+
+def exact_streams(summary: Dict[str, Any]) -> Dict[str, Dict[int, float]]:
+    """The exact configurations of an accuracy file (``exact (inductor)`` and its reseeded-
+    dropout control) by seed, when there are at least two: each is one draw of exact
+    training's dropout noise, and their mean is a better reference than either."""
+    exact = {name: dict(zip(s["seeds"], s["accuracies"])) for name, s in summary.items() if name.startswith("exact")}
+    return exact if len(exact) >= 2 else {}
+
+
+def gap_to_exact_streams(s: Dict[str, Any], streams: Dict[str, Dict[int, float]]):
+    """(mean, standard error, seeds) of the per-seed gap to the mean of the exact runs."""
+    gaps = []
+    for seed, acc in zip(s["seeds"], s["accuracies"]):
+        ref = [by_seed[seed] for by_seed in streams.values() if seed in by_seed]
+        if len(ref) == len(streams):
+            gaps.append(acc - sum(ref) / len(ref))
+    if not gaps:
+        return None
+    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
+    return statistics.mean(gaps), se, len(gaps)
 
 
 def grad_error_table(res: Dict[str, Any]) -> str:

@@ -101,3 +101,25 @@ def test_untimed_run_reports_bytes_and_flops_only(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5] == "" and cells[7] == "", row  # step time, compile time
     assert cells[6] == "0.93x", row  # backward FLOPs vs Inductor
+
+
+def test_accuracy_gap_to_the_mean_of_the_exact_runs(tmp_path):
+    # two exact runs per seed (the control reseeds dropout): their mean is the reference
+    summary = {
+        "exact (inductor)": {"seeds": [0, 1], "accuracies": [0.80, 0.82], "mean": 0.81, "std": 0.0141},
+        "exact (inductor) reseeded dropout": {"seeds": [0, 1], "accuracies": [0.78, 0.82], "mean": 0.80,
+                                              "std": 0.028, "gap_to_exact": -0.01, "gap_std": 0.014},
+        "wtacrs default": {"seeds": [0, 1], "accuracies": [0.79, 0.81], "mean": 0.80, "std": 0.0141,
+                           "gap_to_exact": -0.01, "gap_std": 0.0},
+    }
+    (tmp_path / "accuracy_minilm.json").write_text(json.dumps({
+        "benchmark": "accuracy_minilm", "command": "c", "machine": {"device": "cpu", "torch": "2.14.1"},
+        "time": "t", "summary": summary, "runs": [],
+        "task": {"train": 3000, "test": 1000, "max_len": 64, "batch": 32, "optimizer": "AdamW",
+                 "epochs": 1, "accuracy_before_finetuning": 0.5},
+    }))
+    text = report.generate(tmp_path)
+    assert "gap to the mean of the 2 exact runs of each seed" in text
+    # per seed: 0.79 - 0.79 = 0, 0.81 - 0.82 = -0.01: mean -0.5 points, standard error 0.5
+    assert "| wtacrs default | 80.00 +- 1.41 | 0, 1 | 79.0, 81.0 | -1.00 +- 0.00 | -0.50 +- 0.50 (n=2) |" in text
+    assert "| exact (inductor) reseeded dropout | 80.00 +- 2.80 | 0, 1 | 78.0, 82.0 | -1.00 +- 1.40 | |" in text
