@@ -43,14 +43,18 @@ DRAW_OPS = ("aten::topk", "aten::searchsorted", "aten::cumsum", "aten::sort", "a
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 KINDS = ("matmul", "draw", "rng kernels", "other kernels", "other aten")
 
-CONFIGS = {
-    "inductor": {"kind": "inductor"},
-    "wtacrs compute budget=1.0": {"kind": "wtacrs", "mode": "compute", "memory_budget": 1.0},
-    "wtacrs compute budget=1.0 packed masks": {"kind": "wtacrs", "mode": "compute", "memory_budget": 1.0,
-                                               "pack_masks": True},
-    "inductor budget=0.1": {"kind": "inductor", "budget": 0.1},
-    "wtacrs default": {"kind": "wtacrs"},
-}
+def _configs():
+    """The memory_time configurations this profile compares (common.configurations), and the
+    first one again with its boolean masks packed (pack_masks=True, opt-in)."""
+    by_name = {c["name"]: c for c in common.configurations(modes=False)}
+    names = ("inductor", "wtacrs compute budget=1.0", "inductor budget=0.1", "wtacrs default")
+    out = {name: by_name[name] for name in names}
+    packed = "wtacrs compute budget=1.0 packed masks"
+    out[packed] = dict(by_name["wtacrs compute budget=1.0"], name=packed, pack_masks=True)
+    return out
+
+
+CONFIGS = _configs()
 
 
 def kernel_name(key: str) -> str:
