@@ -16,6 +16,7 @@ from .config import WTACRSConfig
 from .feedback import GradNormCache
 from .graph_utils import PartitionerSettings, graph_flops, saved_set
 from .passes.joint_pass import WTACRSJointPass
+from .plan_cache import PlanCache
 from .report import CompileReport, _log
 from .torch_internals import compile_fx, compile_fx_inner, is_static_input
 
@@ -36,6 +37,8 @@ class WTACRSBackend:
         self.config = config
         self.reports: List[CompileReport] = []
         self.feedback = GradNormCache()  # used when config.grad_norm_feedback
+        # the pass's partitions of each joint graph, for recompiles of the same graph
+        self.plans = PlanCache()
 
     def example_ids(self, ids):
         """``with backend.example_ids(batch_ids): loss = model(batch)``: the ids of the batch's
@@ -70,7 +73,8 @@ class WTACRSBackend:
         # trial partitions and AOTAutograd's real one run under the same ones.
         partitioner = PartitionerSettings(config.memory_budget)
         joint_pass = WTACRSJointPass(
-            config, params, static, report, feedback, graph_tag=len(self.reports) - 1, partitioner=partitioner
+            config, params, static, report, feedback, graph_tag=len(self.reports) - 1, partitioner=partitioner,
+            plans=self.plans,
         )
 
         forward_graphs: List[torch.fx.GraphModule] = []
@@ -154,6 +158,14 @@ def compile_module(module: torch.nn.Module, config: Optional[WTACRSConfig] = Non
     return b
 
 
+_SHARED_PLANS = PlanCache()
+"""The plan cache of ``backend="wtacrs"`` given by name: each compile gets a fresh backend, and
+a recompile of the same graph (keyed by its structure, the settings and the config) reuses
+the pass's partitions."""
+
+
 def wtacrs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """Entry point of ``backend="wtacrs"``: a fresh backend per compile, options from kwargs."""
-    return WTACRSBackend()(gm, example_inputs, **kwargs)
+    b = WTACRSBackend()
+    b.plans = _SHARED_PLANS
+    return b(gm, example_inputs, **kwargs)

@@ -421,6 +421,10 @@ class PartitionerSettings:
             setattr(self._config, key, value)
         self.relaxed = False
 
+    def key(self) -> Tuple[Any, ...]:
+        """What a partition under these settings depends on (for caching measurements)."""
+        return (self.budget, tuple(sorted(self._initial_bans.items())), self.relaxed)
+
     def bans(self) -> Dict[str, Any]:
         return {k: getattr(self._config, k) for k in _RELAXED_BANS if hasattr(self._config, k)}
 

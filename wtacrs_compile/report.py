@@ -73,6 +73,9 @@ class CompileReport:
     # recomputes), "wtacrs" (the pass's partition of the rewritten graph) and "compiled" (the
     # graphs Inductor compiled; "backward" appears when the backward compiles).
     flops: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    # measurements taken from an earlier compile of the same joint graph instead of partitioning
+    # again ("exact_baseline", "plan"; see plan_cache.py)
+    reused: List[str] = field(default_factory=list)
     # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
     graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -102,6 +105,7 @@ class CompileReport:
             "partitioner_note": self.partitioner_note,
             "compile_seconds": dict(self.compile_seconds),
             "flops": {k: dict(v) for k, v in self.flops.items()},
+            "reused": list(self.reused),
         }
         if graphs:
             d["graphs"] = {

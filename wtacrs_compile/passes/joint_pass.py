@@ -31,6 +31,7 @@ import torch.fx as fx
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, partition_saved, traced_size
+from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
 from ..torch_internals import CustomGraphPass, stable_topological_sort
 from . import plan_memory
@@ -101,6 +102,7 @@ class WTACRSJointPass(CustomGraphPass):
         feedback=None,
         graph_tag: int = 0,
         partitioner: Optional[PartitionerSettings] = None,
+        plans: Optional[PlanCache] = None,
     ) -> None:
         self.config = config
         self.partitioner = partitioner  # the compile's memory budget; None: torch's settings
@@ -109,6 +111,7 @@ class WTACRSJointPass(CustomGraphPass):
         self.params = frozenset(params)
         self.static_input_indices = list(static_input_indices)
         self.report = report
+        self.plans = plans  # measurements of earlier compiles of the same joint graph
 
     def uuid(self) -> str:
         h = hashlib.sha256()
@@ -154,9 +157,10 @@ class WTACRSJointPass(CustomGraphPass):
             "s (Inductor's, then under the memory budget)" if self.partitioner and self.partitioner.budget < 1.0 else "",
         )
         t = time.perf_counter()
-        baseline = self._exact_baseline(graph)
+        key = graph_key(graph, [self.static_input_indices, self.partitioner.key() if self.partitioner else None])
+        baseline = self._cached(("exact_baseline", key), lambda: self._exact_baseline(graph))
         self._stage("exact_baseline", t)
-        outcome = self._plan_and_rewrite(graph, resolved, baseline, cache)
+        outcome = self._plan_and_rewrite(graph, resolved, baseline, cache, key)
         final = outcome.final
         if self.config.pack_masks:
             if final is None:
@@ -213,7 +217,36 @@ class WTACRSJointPass(CustomGraphPass):
         )
         return resolved
 
-    def _plan_and_rewrite(self, graph: fx.Graph, resolved: Resolved, baseline: Baseline, cache: dict) -> Outcome:
+    def _cached(self, key: tuple, measure):
+        """``measure()`` (a baseline or a plan), or what it gave for the same key in an earlier
+        compile: with the report fields it filled and the partitioner settings it changed."""
+        report, p = self.report, self.partitioner
+        hit = self.plans.get(key) if self.plans is not None else None
+        if hit is not None:
+            value, measurements, flops, note, relaxed = hit
+            report.measurements.update(measurements)
+            report.flops.update(flops)
+            report.partitioner_note = report.partitioner_note or note
+            if relaxed and p is not None and not p.relaxed:
+                p.relax_bans()  # AOTAutograd's own partition must run under the same settings
+            report.reused.append(key[0])
+            log.info("wtacrs: graph %d: %s reused from an earlier compile of the same graph", self.graph_tag, key[0])
+            return value
+        before_m, before_f = set(report.measurements), set(report.flops)
+        value = measure()
+        if self.plans is not None:
+            self.plans.put(key, (
+                value,
+                {k: v for k, v in report.measurements.items() if k not in before_m},
+                {k: v for k, v in report.flops.items() if k not in before_f},
+                report.partitioner_note,
+                bool(p is not None and p.relaxed),
+            ))
+        return value
+
+    def _plan_and_rewrite(
+        self, graph: fx.Graph, resolved: Resolved, baseline: Baseline, cache: dict, key: str = ""
+    ) -> Outcome:
         """Stages 3-4: the planner decides on rewritten copies, then the real graph is
         rewritten once with its decisions."""
         by_name = {s.node: s for s in resolved.sites}
@@ -229,14 +262,15 @@ class WTACRSJointPass(CustomGraphPass):
         log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
                  ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
         t = time.perf_counter()
-        result = plan_memory.plan(
-            graph,
-            candidates,
-            {s.node: settings[s.node].mode for s in candidates},
-            apply,
-            self.static_input_indices,
-            baseline=baseline.saved,
-        )
+        modes = {s.node: settings[s.node].mode for s in candidates}
+        # the plan depends on the graph, on each candidate's settings and module (its class),
+        # and on the config's other settings (feedback changes the rewrite)
+        feedback = (self.feedback.name, self.graph_tag) if self.feedback is not None else None
+        plan_key = ("plan", key, self.config.fingerprint(), feedback,
+                    tuple((s.node, s.fqn, repr(settings[s.node])) for s in candidates))
+        result = self._cached(plan_key, lambda: plan_memory.plan(
+            graph, candidates, modes, apply, self.static_input_indices, baseline=baseline.saved
+        ))
         self.report.measurements.update(result.measurements)
         t = self._stage("plan", t)
         applied = apply(graph, plan_memory.decisions_to_assign(result.decisions))
