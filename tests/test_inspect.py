@@ -366,3 +366,23 @@ def test_console_script_is_installed():
     out = subprocess.run([exe, "--list"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert set(examples.EXAMPLES) <= {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def test_reports_of_a_dynamic_graph_render(tmp_path):
+    """dynamic=True: symbolic N.  JSON, text and HTML hold traced sizes (ints) and bytes at the
+    traced size; the reasons carry the symbolic expression."""
+    model, inputs = examples.mlp()
+    report = wtacrs_compile.inspect(model, inputs, ratio=0.3, dynamic=True)
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["ops"] and all(op["decision"] == "compute" for op in d["ops"])
+    for op in d["ops"]:
+        assert op["shapes"]["x"][0] == 256 and op["k"] == 77, op
+        assert op["saved_bytes_before"] == 256 * op["shapes"]["x"][1] * 4
+        assert op["flops_after"] < op["flops_before"]
+        assert "is symbolic" in op["reason"], op["reason"]
+    assert d["totals"]["baseline_saved_bytes"] > 0 and d["totals"]["flops"]["wtacrs"]["backward"] > 0
+    text = report.format()
+    assert "77/256" in text and "is symbolic" in text
+    html = report.to_html()
+    assert html.startswith("<!DOCTYPE html>") and "77 / 256" in html and "backward matmul FLOPs" in html
+    assert run_cli(["mlp", "--dynamic", "--json", str(tmp_path / "r.json")]).count("is symbolic") >= 1

@@ -144,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", help="memory | compute | memory+compute | all")
     g.add_argument("--deterministic", type=_deterministic, help="'adaptive' or a fraction of k")
     g.add_argument("--options", metavar="JSON", help='any config as JSON, e.g. \'{"rules": [{"match": "*.query", "enabled": false}]}\'')
+    g.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic sizes)")
     o = p.add_argument_group("output")
     o.add_argument("--diff", action="store_true", help="print the unified diff of the forward and backward graphs")
     o.add_argument("--joint", action="store_true", help="print the diff of the joint graph too")
@@ -178,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .inspection import InspectError, inspect
 
     try:
-        report = inspect(model, inputs, config=config, name=label)
+        report = inspect(model, inputs, config=config, name=label, dynamic=True if args.dynamic else None)
     except InspectError as e:
         p.exit(2, f"{p.prog}: error: {label}: {str(e).removeprefix('inspect: ')}\n")
     color = args.color == "always" or (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 from typing import Any, List
 
-from .text_report import LEGEND, describe_config, nbytes, shape
+from .text_report import LEGEND, describe_config, nbytes, shape, si
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #1d1d1f; }
@@ -83,7 +83,7 @@ def render_html(report: Any, joint: bool = False) -> str:
         (f"{nbytes(after)} B", "saved activations, wtacrs"),
         (f"{ratio:.3f}x" if ratio is not None else "-", f"ratio ({after - base:+,} B)"),
         (str(totals["ops"]), f"matched ops: {decisions}"),
-    ):
+    ) + _flops_card(totals["flops"]):
         parts.append(f'<div class="card"><div class="v">{_e(value)}</div><div class="l">{_e(label)}</div></div>')
     parts.append("</div>")
     parts.append(
@@ -94,7 +94,7 @@ def render_html(report: Any, joint: bool = False) -> str:
     parts.append("<h2>Ops</h2><table><thead><tr>")
     header = (["graph"] if multi else []) + [
         "module", "kind", "X (N x D)", "G", "dtype", "k / N", "decision",
-        "bytes before &rarr; after", "compiled reads", "measured", "reason",
+        "bytes before &rarr; after", "compiled reads", "measured", "dW FLOPs", "reason",
     ]
     parts.append("".join(f"<th>{h}</th>" for h in header) + "</tr></thead><tbody>")
     for op in ops:
@@ -113,6 +113,7 @@ def render_html(report: Any, joint: bool = False) -> str:
             f'<td class="n" title="{_e(_reads(op))}">{nbytes(op.get("compiled_reads_before"))} &rarr; '
             f'{nbytes(op.get("compiled_reads_after"))}</td>',
             f'<td class="n">{nbytes(op.get("measured_saving"))}</td>',
+            f'<td class="n">{si(op.get("flops_before"))} &rarr; {si(op.get("flops_after"))}</td>',
             f'<td class="reason">{_e(op["reason"])}{_shared(op)}</td>',
         ]
         parts.append("<tr>" + "".join(cells) + "</tr>")
@@ -152,6 +153,14 @@ def render_html(report: Any, joint: bool = False) -> str:
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
+
+
+def _flops_card(flops: dict) -> tuple:
+    """The backward's matmul FLOPs, wtacrs against torch.compile, as one more card."""
+    before, after = flops["torch.compile"]["backward"], flops["wtacrs"]["backward"]
+    if not before or after is None:
+        return ()
+    return ((f"{after / before:.3f}x", f"backward matmul FLOPs ({si(before)} -> {si(after)})"),)
 
 
 def _shared(op: dict) -> str:

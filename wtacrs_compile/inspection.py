@@ -275,6 +275,7 @@ def inspect(
     *,
     config: Optional[WTACRSConfig] = None,
     name: Optional[str] = None,
+    dynamic: Optional[bool] = None,
     **options: Any,
 ) -> InspectReport:
     """Compile one training step of ``model`` with plain Inductor and with ``wtacrs`` and
@@ -288,6 +289,8 @@ def inspect(
         config: a :class:`WTACRSConfig`; ``options`` (``ratio=0.3``, ``mode="compute"``, ...)
             override it field by field, validated like ``torch.compile(options=...)``.
         name: label of the model in the report (default: its class name).
+        dynamic: ``torch.compile``'s ``dynamic`` for both compiles (``True``: symbolic sizes;
+            the report gives bytes and k at the traced sizes and the expressions in the reasons).
 
     The step is the forward pass, then backward of ``output.loss`` when the output has one,
     else of the sum of the output's floating-point tensors.  Gradients, buffers and the RNG
@@ -310,10 +313,10 @@ def inspect(
     baseline_graphs: List[BaselineGraph] = []
     backend = WTACRSBackend(config)
     with _preserved(model, (args, kwargs)), fresh_compiles():
-        objective = _step(torch.compile(model, backend=_baseline_backend(baseline_graphs)), args, kwargs)
+        objective = _step(torch.compile(model, backend=_baseline_backend(baseline_graphs), dynamic=dynamic), args, kwargs)
         _clear_grads(model, (args, kwargs))
         reset_dynamo()
-        _step(torch.compile(model, backend=backend), args, kwargs)
+        _step(torch.compile(model, backend=backend, dynamic=dynamic), args, kwargs)
 
     if len(baseline_graphs) != len(backend.reports):
         raise InspectError(
