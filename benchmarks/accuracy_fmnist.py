@@ -2,7 +2,9 @@
 backend="wtacrs" at several ratios, same seed, steps and hyper-parameters.
 
     sudo apt-get install dataset-fashion-mnist               # once (Debian package, 31 MB)
-    python benchmarks/accuracy_fmnist.py --seeds 0           # -> results/accuracy_fmnist.json
+    python benchmarks/accuracy_fmnist.py --seeds 0 1 2       # -> results/accuracy_fmnist.json
+
+Default configurations: exact, and backend="wtacrs" with its defaults at ratio 0.5 and 0.3.
 
 Model: timm VisionTransformer, 28x28, 1 channel, patch 7 (16 tokens + class token), width 192,
 depth 4, 3 heads (1.8M parameters), trained from scratch (no pretrained ViT weights install
@@ -31,6 +33,9 @@ import common  # noqa: E402
 DATA = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = {
     "exact (inductor)": {"kind": "inductor"},
+    # backend="wtacrs" with nothing else but the ratio: compute mode, memory_budget=0.1
+    "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
+    "wtacrs default": {"kind": "wtacrs"},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
@@ -99,7 +104,8 @@ def train_one(name, cfg, seed, data, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["exact (inductor)", "wtacrs default r=0.5", "wtacrs default"],
+                   choices=list(CONFIGS))
     p.add_argument("--train", type=int, default=20000)
     p.add_argument("--test", type=int, default=2000)
     p.add_argument("--batch", type=int, default=128)
