@@ -71,6 +71,12 @@ def main():
     print(f"saved activations, plain torch.compile          : {base:>12,} B")
     print(f"  exact recomputation under memory_budget={budget:<5} : {exact:>12,} B  ({exact / base:.2f}x)")
     print(f"  wtacrs (that, plus weight gradients drawn)    : {ours:>12,} B  ({ours / base:.2f}x)")
+    flops = {name: report.flops[name]["backward"] for name in ("inductor", "baseline", "compiled")}
+    print("backward matmul FLOPs, plain torch.compile     : " f"{flops['inductor']:>12,}")
+    print("  with the recomputation                       : "
+          f"{flops['baseline']:>12,}  ({flops['baseline'] / flops['inductor']:.2f}x)")
+    print("  wtacrs (draws pay for it)                    : "
+          f"{flops['compiled']:>12,}  ({flops['compiled'] / flops['inductor']:.2f}x)")
 
 
 if __name__ == "__main__":
