@@ -71,10 +71,29 @@ def test_partitioner_config_keys():
         assert ti.functorch_config.enable_autograd_cache is False
 
 
-def test_decompositions_keep_rand_like_whole():
+def test_decompositions_keep_rand_like_whole_where_inductor_lowers_it():
     table = ti.decompositions()
     assert torch.ops.aten.addmm.default in table or torch.ops.aten.native_layer_norm.default in table
-    assert not any(getattr(op, "overloadpacket", None) is torch.ops.aten.rand_like for op in table)
+    kept_whole = not any(getattr(op, "overloadpacket", None) is torch.ops.aten.rand_like for op in table)
+    assert kept_whole == ti.inductor_lowers_rand_like()
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12):
+        assert ti.inductor_lowers_rand_like()
+
+
+@pytest.mark.parametrize("lowered", [True, False], ids=["rand_like", "randint"])
+def test_uniform_noise_either_way(monkeypatch, lowered):
+    # torch 2.11's Inductor does not lower rand_like (the draws use randint there): both
+    # sources give float32 on [0, 1) in steps of 2**-24, uniform
+    monkeypatch.setattr(ti, "inductor_lowers_rand_like", lambda: lowered)
+    torch.manual_seed(0)
+    u = ti.uniform_noise((200, 100), torch.device("cpu"))
+    assert u.dtype == torch.float32 and u.shape == (200, 100)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).round())
+    # mean 1/2, standard error sqrt(1/12 / 20000) = 0.002
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
+    assert float(counts.min()) > 1800 and float(counts.max()) < 2200  # 2000 +- 4.7 sd
 
 
 def test_make_fx_graph_traces_aten_ops_on_fake_tensors():

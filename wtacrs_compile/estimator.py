@@ -27,6 +27,8 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
+from .torch_internals import uniform_noise
+
 DeterministicT = Union[str, float]
 
 
@@ -92,7 +94,7 @@ def wtacrs_sample(
     # u in (0, 1]: a target > 0 never lands on a zero-mass row at the start of the CDF.
     # The noise is drawn from a constant-shaped source so that replaying it in backward
     # (see sample_matmul.py) needs only the RNG state, not a saved tensor.
-    u = 1.0 - torch.rand_like(torch.zeros(top_p.shape, dtype=torch.float32, device=top_p.device))
+    u = 1.0 - uniform_noise(top_p.shape, top_p.device)
     drawn = torch.searchsorted(cdf.contiguous(), (u * rest_mass).contiguous()).clamp_max(n - 1)
     p_drawn = torch.gather(p, -1, drawn)
     n_drawn = (k - c).to(p.dtype)

@@ -191,9 +191,16 @@ def innermost_module(node: fx.Node, search_depth: int = 0) -> Tuple[str, Tuple[t
     return "", ()
 
 
+def is_random(node: fx.Node) -> bool:
+    """A call of a random ATen op: the draw's ``rand_like``, or ``rand`` where Inductor's
+    decompositions take it apart (torch 2.11, see ``torch_internals.decompositions``)."""
+    tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+    return torch.Tag.nondeterministic_seeded in tags
+
+
 def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any:
     """Insert a traced forward draw over ``x`` right after it (and after the placeholders),
-    with ``x``'s module metadata; its noise (``rand_like``) is tagged to be replayed, never
+    with ``x``'s module metadata; its noise (``rand_like``/``rand``) is tagged to be replayed, never
     redrawn, if the partitioner recomputes the draw in backward.  Returns the draw's outputs,
     marked ``meta["wtacrs"] = "forward_sample"``."""
     before = x.next
@@ -203,7 +210,7 @@ def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any
     existing = set(graph.nodes)
     outs = insert_graph(graph, sub, [x], before=before, meta=meta)
     for node in set(graph.nodes) - existing:
-        if is_call(node, aten.rand_like.default):
+        if is_random(node):
             replay_in_backward(node)
     for out in outs:
         out.meta["wtacrs"] = "forward_sample"

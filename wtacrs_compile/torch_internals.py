@@ -46,6 +46,7 @@ __all__ = [
     "detect_fake_mode",
     "fresh_compiles",
     "functorch_config",
+    "inductor_lowers_rand_like",
     "is_static_input",
     "make_fx_graph",
     "original_module",
@@ -55,6 +56,7 @@ __all__ = [
     "size_hint",
     "stable_topological_sort",
     "tree_leaves",
+    "uniform_noise",
 ]
 
 aten = torch.ops.aten
@@ -72,17 +74,41 @@ def size_hint(n: Any) -> int:
 
 
 @functools.lru_cache(None)
+def inductor_lowers_rand_like() -> bool:
+    """Whether Inductor lowers ``aten.rand_like`` as a call of eager's generator (torch >= 2.12).
+    Older Inductors (2.11) decompose it into ``aten.rand`` and lower that only through their own
+    seed pass, which runs before the joint pass (an ``aten.rand`` the pass inserts fails to
+    lower there)."""
+    from torch._inductor.lowering import lowerings
+
+    return aten.rand_like.default in lowerings
+
+
+def uniform_noise(shape: Sequence[Any], device: Any) -> torch.Tensor:
+    """Float32 noise, uniform on [0, 1) in steps of 2**-24 (as ``torch.rand`` gives), from an op
+    every supported Inductor lowers as a call of eager's generator: ``rand_like`` where it can
+    (:func:`inductor_lowers_rand_like`), else ``randint`` scaled.  Either is random to the
+    partitioner and replayable from saved RNG state."""
+    if inductor_lowers_rand_like():
+        return torch.rand_like(torch.zeros(shape, dtype=torch.float32, device=device))
+    return torch.randint(0, 1 << 24, tuple(shape), device=device).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@functools.lru_cache(None)
 def decompositions() -> Dict[Any, Callable]:
-    """Inductor's decomposition table, with ``rand_like`` kept whole: Inductor lowers it as a
-    fallback to eager's generator, and the partitioner treats it as random (never recomputed
-    in backward unless tagged, see :func:`replay_in_backward`)."""
+    """Inductor's decomposition table, with ``rand_like`` kept whole where Inductor lowers it
+    (torch >= 2.12: a fallback to eager's generator; elsewhere the draws use ``randint``, see
+    :func:`uniform_noise`).  The noise op is random to the partitioner (never recomputed in
+    backward unless tagged, see :func:`replay_in_backward`)."""
     from torch._inductor.decomposition import select_decomp_table
 
     table = dict(select_decomp_table())
-    for op in list(table):
-        if getattr(op, "overloadpacket", None) is aten.rand_like:
-            del table[op]
+    if inductor_lowers_rand_like():
+        for op in list(table):
+            if getattr(op, "overloadpacket", None) is aten.rand_like:
+                del table[op]
     return table
+
 
 
 def make_fx_graph(fn: Callable, example_vals: Sequence[Any], fake_mode) -> fx.GraphModule:
