@@ -28,7 +28,7 @@ from tiny_models import tiny_bert_classifier
 from stats import assert_unbiased
 
 DRAWS = 300
-SAMPLING_OPS = {"sqrt", "cumsum", "argmin", "searchsorted", "topk", "rand_like", "randint"}  # randint: torch 2.11
+SAMPLING_OPS = {"sqrt", "cumsum", "argmin", "searchsorted", "topk", "rand_like"}
 
 
 @pytest.fixture(autouse=True, scope="module")
