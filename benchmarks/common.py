@@ -211,8 +211,7 @@ class Recorder:
         from wtacrs_compile import backend as wtacrs_backend
 
         self.cfg = cfg
-        self.saved: List[Optional[int]] = []  # per graph
-        self.flops: List[Dict[str, int]] = []  # per graph: compiled forward/backward matmul FLOPs
+        self.graphs: List[Any] = []  # plain Inductor: an inspection.BaselineGraph per graph compiled
         self.wtacrs = None
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
@@ -228,28 +227,9 @@ class Recorder:
         with patch:
             if self.wtacrs is not None:
                 return self.wtacrs(gm, example_inputs, **kwargs)
-            return self._inductor(gm, example_inputs)
+            from wtacrs_compile.inspection import recording_inductor
 
-    def _inductor(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        from wtacrs_compile.graph_utils import graph_flops, saved_set
-
-        index = len(self.saved)
-        self.saved.append(None)
-        self.flops.append({})
-        forward: List[Any] = []
-
-        def inner_compile(graph_module, inputs, **kw):
-            if kw.get("is_backward"):
-                self.flops[index]["backward"] = graph_flops(graph_module)
-                if forward:
-                    self.saved[index] = saved_set(forward[-1], graph_module).activation_bytes
-            elif not kw.get("is_inference"):
-                self.flops[index]["forward"] = graph_flops(graph_module)
-                forward.append(graph_module)
-            return compile_fx_inner(graph_module, inputs, **kw)
-
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+            return recording_inductor(self.graphs)(gm, example_inputs)
 
     def totals(self) -> Dict[str, Any]:
         if self.wtacrs is not None:
@@ -269,8 +249,9 @@ class Recorder:
                 "ops_exact": sum(op.decision == "exact" for op in ops),
                 **training_flops([r.flops.get("compiled", {}) for r in reports]),
             }
-        return {"graphs": len(self.saved), "saved_bytes": last_training_graph(self.saved),
-                "saved_bytes_per_graph": list(self.saved), **training_flops(self.flops)}
+        saved = [g.saved_bytes for g in self.graphs]
+        return {"graphs": len(self.graphs), "saved_bytes": last_training_graph(saved),
+                "saved_bytes_per_graph": saved, **training_flops([g.flops for g in self.graphs])}
 
 
 def training_flops(per_graph: List[Dict[str, int]]) -> Dict[str, Optional[int]]:

@@ -315,7 +315,7 @@ def inspect(
     baseline_graphs: List[BaselineGraph] = []
     backend = WTACRSBackend(config)
     with _preserved(model, (args, kwargs)), fresh_compiles():
-        objective = _step(torch.compile(model, backend=_baseline_backend(baseline_graphs), dynamic=dynamic), args, kwargs)
+        objective = _step(torch.compile(model, backend=recording_inductor(baseline_graphs), dynamic=dynamic), args, kwargs)
         _clear_grads(model, (args, kwargs))
         reset_dynamo()
         _step(torch.compile(model, backend=backend, dynamic=dynamic), args, kwargs)
@@ -372,8 +372,10 @@ def _step(compiled: Any, args: tuple, kwargs: dict) -> str:
     return objective
 
 
-def _baseline_backend(sink: List[BaselineGraph]):
-    """Plain Inductor (what ``torch.compile(model)`` runs) that records what it compiled."""
+def recording_inductor(sink: List[BaselineGraph]):
+    """Plain Inductor (what ``torch.compile(model)`` runs) that records what it compiled: one
+    :class:`BaselineGraph` per graph appended to ``sink`` (graphs, saved activations, FLOPs).
+    The inspector's baseline; the benchmarks' Inductor configurations too."""
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         record = BaselineGraph()
