@@ -38,8 +38,9 @@ CONFIGS = {
     # The noise floor of a paired gap: exact again, with only the dropout stream changed (a
     # wtacrs run draws random numbers too, so its dropout masks differ from the exact run's).
     "exact (inductor) reseeded dropout": {"kind": "inductor", "dropout_seed_offset": 1000},
-    # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1
+    # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1, systematic draws
     "wtacrs default": {"kind": "wtacrs"},
+    "wtacrs default iid": {"kind": "wtacrs", "sampling": "iid"},  # the paper's i.i.d. draws
     "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
     "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},

@@ -215,7 +215,8 @@ class Recorder:
         self.wtacrs = None
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
-            options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks") if key in cfg}
+            options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling")
+                       if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True
             self.wtacrs = wtacrs_backend(**options)

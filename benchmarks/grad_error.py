@@ -8,7 +8,8 @@ per linear layer, the relative error ``E ||dW_est - dW|| / ||dW||`` is reported 
 draws), with ``dW`` the exact gradient of plain Inductor on the same weights and batch.
 Configurations: forward draws with ``p ∝ ||x_i||`` (``mode="all"``, the paper's way without
 cached norms, which the first release used), and backward draws with the exact
-``p ∝ ||x_i|| ||g_i||`` (``mode="compute"``, the default).  Dropout is off (eval-mode dropout
+``p ∝ ||x_i|| ||g_i||`` (``mode="compute"``, the default); each with the paper's i.i.d. draws
+(``sampling="iid"``) and with systematic ones (the default).  Dropout is off (eval-mode dropout
 with train-mode autograd) so the exact gradient is deterministic.
 """
 
@@ -29,8 +30,10 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 CONFIGS = {
-    "forward draw, ‖x‖ (mode all)": {"mode": "all", "memory_budget": None},
-    "backward draw, ‖x‖·‖g‖ (compute, default)": {"mode": "compute"},
+    "forward draw, ‖x‖ (mode all, i.i.d.)": {"mode": "all", "memory_budget": None, "sampling": "iid"},
+    "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None},
+    "backward draw, ‖x‖·‖g‖ (compute, i.i.d.)": {"mode": "compute", "sampling": "iid"},
+    "backward draw, ‖x‖·‖g‖ (compute, systematic: default)": {"mode": "compute"},
 }
 
 

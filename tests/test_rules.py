@@ -128,10 +128,11 @@ def test_rules_apply_in_order_last_match_wins_field_by_field():
         Rule(ratio=0.5, min_k=4, mode="compute"),  # no selector: every op
         Rule(match="*.query", ratio=0.2),
         Rule(match="layer.0.*", enabled=False),
-        Rule(match="layer.0.attention.*", enabled=True, deterministic=0.0),
+        Rule(match="layer.0.attention.*", enabled=True, deterministic=0.0, sampling="iid"),
     ))
     q0 = resolve(cfg, "bert.encoder.layer.0.attention.self.query")
     assert (q0.enabled, q0.ratio, q0.min_k, q0.mode, q0.deterministic) == (True, 0.2, 4, "compute", 0.0)
+    assert q0.sampling == "iid" and resolve(cfg, "bert.encoder.layer.1.output.dense").sampling == "systematic"
     assert q0.rules == (0, 1, 2, 3)
     out0 = resolve(cfg, "bert.encoder.layer.0.output.dense")
     assert not out0.enabled and out0.rules == (0, 2)
@@ -229,6 +230,8 @@ def test_plain_data_options_equal_python_rules():
         ({"rules": [{"match": "x", "min_k": 0}]}, r"min_k must be an integer >= 1"),
         ({"rules": [{"match": "x", "mode": "memroy"}]}, r"mode must be one of 'memory', .*did you mean 'memory'"),
         ({"rules": [{"match": "x", "deterministic": 1.0}]}, r"deterministic fraction must be in \[0, 1\)"),
+        ({"sampling": "stratified"}, r"sampling must be 'systematic' .* or 'iid'"),
+        ({"rules": [{"match": "x", "sampling": "IID"}]}, r"rules\[0\].*sampling must be .*got 'IID' \(did you mean 'iid'\?\)"),
         ({"rules": [{"match": "x", "enabled": "no"}]}, r"enabled must be true or false"),
         ({"rules": [{"op": "Linear", "ratio": 0.5}]}, r"op must be one of 'linear', 'bmm', 'lora'.*did you mean 'linear'"),
         ({"rules": [{"match": "x", "ratios": 0.5}]}, r"unknown rule key 'ratios' \(did you mean 'ratio'\?\); valid keys: match"),

@@ -76,6 +76,19 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
     assert count(graph, aten.mm.default) == 3  # two estimates and the input gradient
 
 
+@pytest.mark.parametrize("sampling, noise", [("systematic", (1,)), ("iid", (39,))])
+def test_rewrite_draws_the_noise_the_sampling_needs(joint, sampling, noise):
+    """Systematic draws take one uniform offset per draw, i.i.d. draws one number per slot
+    (k = ceil(0.3 * 128) = 39)."""
+    from wtacrs_compile.graph_utils import is_random
+
+    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, sampling=sampling)
+    assert {s.sampling for s in resolved.settings.values()} == {sampling}
+    shapes = [tuple(n.meta["val"].shape) for n in graph.nodes if is_random(n)]
+    assert shapes == [noise, noise]
+
+
+
 def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):
     graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, mode="memory")
     measured = jp.report.measurements

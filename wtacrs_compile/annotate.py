@@ -74,14 +74,22 @@ def annotate(
     min_k: Optional[int] = None,
     mode: Optional[str] = None,
     deterministic: Optional[DeterministicT] = None,
+    sampling: Optional[str] = None,
     enabled: Optional[bool] = None,
 ):
     """Per-op settings for the ops traced inside a region: a context manager and a decorator.
 
     Takes the settings a :class:`~wtacrs_compile.config.Rule` takes (``ratio``, ``min_k``,
-    ``mode``, ``deterministic``, ``enabled``); an invalid value raises naming the valid range.
+    ``mode``, ``deterministic``, ``sampling``, ``enabled``); an invalid value raises naming the valid range.
     """
-    settings = {"ratio": ratio, "min_k": min_k, "mode": mode, "deterministic": deterministic, "enabled": enabled}
+    settings = {
+        "ratio": ratio,
+        "min_k": min_k,
+        "mode": mode,
+        "deterministic": deterministic,
+        "sampling": sampling,
+        "enabled": enabled,
+    }
     return _fx_annotate()(_custom(settings, "annotate: "))
 
 

@@ -22,6 +22,7 @@ import pathlib
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
+from .config import SAMPLINGS
 from .examples import EXAMPLES
 
 
@@ -113,7 +114,7 @@ def _options(args: argparse.Namespace) -> dict:
             raise UsageError(f"--options is not valid JSON: {e}") from None
         if not isinstance(options, dict):
             raise UsageError(f"--options must be a JSON object, got {args.options!r}")
-    for key in ("ratio", "min_k", "mode", "deterministic"):
+    for key in ("ratio", "min_k", "mode", "deterministic", "sampling"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -143,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-k", dest="min_k", type=int, help="least number of rows kept")
     g.add_argument("--mode", help="memory | compute | memory+compute | all")
     g.add_argument("--deterministic", type=_deterministic, help="'adaptive' or a fraction of k")
+    g.add_argument("--sampling", choices=SAMPLINGS, help="systematic (default) | iid: how non-winner rows are drawn")
     g.add_argument("--options", metavar="JSON", help='any config as JSON, e.g. \'{"rules": [{"match": "*.query", "enabled": false}]}\'')
     g.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (symbolic sizes)")
     o = p.add_argument_group("output")

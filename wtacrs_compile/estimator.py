@@ -7,8 +7,15 @@ column-row pairs:
   forward pass, ``||x_i|| * ||g_i||`` in the backward pass);
 * winners ``C``: the ``c`` rows of highest ``p``, summed exactly.  ``c`` minimises
   ``(1 - P_C) / (k - c)`` over ``c = 0..k-1`` (``"adaptive"``), or is a fixed fraction of k;
-* the other ``k - c`` slots are drawn i.i.d. *with replacement* from ``p`` restricted to the
-  non-winners, each weighted ``(1 - P_C) / ((k - c) p_j)``.
+* the other ``m = k - c`` slots are drawn from ``p`` restricted to the non-winners, each
+  weighted ``(1 - P_C) / (m p_j)``: i.i.d. with replacement (``sampling="iid"``, the paper's
+  estimator), or *systematically* (``sampling="systematic"``, the default): one uniform
+  offset ``U`` and the ``m`` targets ``(j + U) / m`` on the non-winners' cumulative mass, so
+  that row ``j`` is drawn ``floor(m q_j)`` or ``ceil(m q_j)`` times (``q`` the renormalised
+  ``p``), ``m q_j`` in expectation, exactly as often as i.i.d. draws on average.  Both are
+  unbiased with the same weights; the systematic draw has no multinomial noise in how often
+  each row is hit, so its variance is lower, most where k is a large part of the rows with
+  mass (like sampling without replacement; measured in ``benchmarks/grad_error.py``).
 
 The estimate ``sum_j w_j a_{:,idx_j} b_{idx_j,:}`` is unbiased for any ``p`` that is positive
 wherever a row contributes.  Every shape is static: always ``k`` indices, winners and draws are
@@ -27,6 +34,7 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
+from .config import SAMPLINGS
 from .torch_internals import uniform_noise
 
 DeterministicT = Union[str, float]
@@ -68,13 +76,16 @@ def winner_count(top_p: Tensor, k: int, deterministic: DeterministicT) -> Tensor
 
 
 def wtacrs_sample(
-    scores: Tensor, k: int, deterministic: DeterministicT = "adaptive"
+    scores: Tensor, k: int, deterministic: DeterministicT = "adaptive", sampling: str = "systematic"
 ) -> Tuple[Tensor, Tensor]:
     """Draw ``k`` row indices and their weights from per-row ``scores`` of shape ``(*B, N)``.
 
     Returns ``(idx, weight)``, both ``(*B, k)``: ``idx`` int64, ``weight`` float32.  Winners
-    have weight 1; drawn rows ``(1 - P_C) / ((k - c) p_j)``.
+    have weight 1; drawn rows ``(1 - P_C) / ((k - c) p_j)``.  ``sampling``: ``"systematic"``
+    or ``"iid"`` (see the module docstring).
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"wtacrs: sampling must be one of {SAMPLINGS}, got {sampling!r}")
     n = scores.shape[-1]
     # With a symbolic N (dynamic shapes) k is min(N, max(ceil(ratio N), min_k)): in range by
     # construction, and comparing SymInts here would add guards (recompiles).
@@ -94,10 +105,17 @@ def wtacrs_sample(
     # u in (0, 1]: a target > 0 never lands on a zero-mass row at the start of the CDF.
     # The noise is drawn from a constant-shaped source so that replaying it in backward
     # (see sample_matmul.py) needs only the RNG state, not a saved tensor.
-    u = 1.0 - uniform_noise(top_p.shape, top_p.device)
+    n_drawn = (k - c).to(p.dtype)
+    if sampling == "iid":
+        u = 1.0 - uniform_noise(top_p.shape, top_p.device)
+    else:
+        # Drawn slot j = 0..m-1 (slot index minus c; winner slots' targets are unused) targets
+        # (j + U) / m: m evenly spaced points, one random offset per leading index.
+        offset = uniform_noise((*top_p.shape[:-1], 1), top_p.device)
+        j = (slot - c).clamp_min(0).to(p.dtype)
+        u = 1.0 - (j + offset) / n_drawn
     drawn = torch.searchsorted(cdf.contiguous(), (u * rest_mass).contiguous()).clamp_max(n - 1)
     p_drawn = torch.gather(p, -1, drawn)
-    n_drawn = (k - c).to(p.dtype)
     w_drawn = torch.where(
         p_drawn > 0, rest_mass / (n_drawn * p_drawn.clamp_min(torch.finfo(torch.float32).tiny)), 0.0
     )
@@ -107,11 +125,16 @@ def wtacrs_sample(
 
 
 def sampled_matmul_reference(
-    a: Tensor, b: Tensor, k: int, deterministic: DeterministicT = "adaptive", use_a: bool = True
+    a: Tensor,
+    b: Tensor,
+    k: int,
+    deterministic: DeterministicT = "adaptive",
+    use_a: bool = True,
+    sampling: str = "systematic",
 ) -> Tensor:
     """Eager reference of the estimator for ``a @ b`` (2-D): used by tests, not by the pass."""
     scores = row_norms(b)
     if use_a:
         scores = scores * row_norms(a.t())
-    idx, w = wtacrs_sample(scores, k, deterministic)
+    idx, w = wtacrs_sample(scores, k, deterministic, sampling)
     return (a[:, idx] * w.to(a.dtype)) @ b[idx]

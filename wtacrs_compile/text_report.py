@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Sequence
 
 from .config import WTACRSConfig
 
-_ALWAYS_SHOWN = ("ratio", "min_k", "deterministic", "mode", "memory_budget")
+_ALWAYS_SHOWN = ("ratio", "min_k", "deterministic", "sampling", "mode", "memory_budget")
 
 _COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
 _RESET = "\033[0m"

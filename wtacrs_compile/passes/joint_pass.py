@@ -323,7 +323,7 @@ class WTACRSJointPass(CustomGraphPass):
             node = nodes[site.node]
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
-                key = (site.x_key, k, s.deterministic)
+                key = (site.x_key, k, s.deterministic, s.sampling)
                 # Gradient-norm feedback (linear layers): the draw reads the cached norms, the
                 # site that owns the draw writes this step's.
                 fb = None
@@ -332,9 +332,9 @@ class WTACRSJointPass(CustomGraphPass):
                     fb = self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}")
                 if key not in draws:
                     if bmm:
-                        draws[key] = (draw_bmm_forward_sample(graph, node, site, k, s.deterministic, cache), site.node)
+                        draws[key] = (draw_bmm_forward_sample(graph, node, site, k, s.deterministic, s.sampling, cache), site.node)
                     else:
-                        draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, cache, fb), site.node)
+                        draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, s.sampling, cache, fb), site.node)
                 else:  # never with fb: a draw with feedback has one reader
                     shared[site.node] = draws[key][1]
                 applied.rows[site.node] = draws[key][0].rows.name
@@ -346,7 +346,7 @@ class WTACRSJointPass(CustomGraphPass):
                     rewrite_with_forward_sample(graph, node, site, draws[key][0], cache, fb)
             else:
                 rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
-                rewrite(graph, node, site, k, s.deterministic, cache)
+                rewrite(graph, node, site, k, s.deterministic, s.sampling, cache)
         graph.eliminate_dead_code()
         return applied
 

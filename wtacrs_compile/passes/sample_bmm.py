@@ -83,17 +83,23 @@ def _product(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
 
 
 def draw_bmm_forward_sample(
-    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+    graph: fx.Graph,
+    node: fx.Node,
+    site: MatmulSite,
+    k: int,
+    deterministic,
+    sampling: str,
+    cache: Optional[dict] = None,
 ) -> BmmForwardSample:
     """Insert the forward draw of ``site``'s X rows, ``p_i ∝ ||x_i||`` per batch entry."""
     x, x_t, _, _ = _operands(node, site)
 
     def sample(x_in):
         rows = _rows(x_in, x_t)
-        idx, w = wtacrs_sample(row_norms(rows), k, deterministic)
+        idx, w = wtacrs_sample(row_norms(rows), k, deterministic, sampling)
         return idx, w, gather_rows(rows, idx)
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic))
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic, sampling))
     idx, w, rows = insert_forward_draw(graph, sub, x)
     return BmmForwardSample(idx, w, rows, k)
 
@@ -113,16 +119,22 @@ def rewrite_bmm_with_forward_sample(
 
 
 def rewrite_bmm_with_backward_sample(
-    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+    graph: fx.Graph,
+    node: fx.Node,
+    site: MatmulSite,
+    k: int,
+    deterministic,
+    sampling: str,
+    cache: Optional[dict] = None,
 ) -> None:
     """The estimator drawn in backward per batch entry with ``p_i ∝ ||x_i|| ||g_i||``."""
     x, x_t, g, g_t = _operands(node, site)
 
     def estimate(x_in, g_in):
         xr, gr = _rows(x_in, x_t), _rows(g_in, g_t)
-        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic)
+        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic, sampling)
         return _product(_weighted(gr, idx, w), gather_rows(xr, idx), site.x_side)
 
-    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, k, deterministic)
+    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, k, deterministic, sampling)
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
     replace_with_estimate(graph, node, sub, [x, g])

@@ -80,6 +80,7 @@ def draw_forward_sample(
     site: MatmulSite,
     k: int,
     deterministic,
+    sampling: str,
     cache: Optional[dict] = None,
     feedback: Optional[str] = None,
 ) -> ForwardSample:
@@ -94,10 +95,10 @@ def draw_forward_sample(
         scores = row_norms(rows)
         if feedback is not None:
             scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
-        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic)
+        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic, sampling)
         return idx, w, rows[idx]
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, feedback))
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, sampling, feedback))
     idx, w, rows = insert_forward_draw(graph, sub, x)
     return ForwardSample(idx, w, rows, k)
 
@@ -130,16 +131,22 @@ def rewrite_with_forward_sample(
 
 
 def rewrite_with_backward_sample(
-    graph: fx.Graph, node: fx.Node, site: MatmulSite, k: int, deterministic, cache: Optional[dict] = None
+    graph: fx.Graph,
+    node: fx.Node,
+    site: MatmulSite,
+    k: int,
+    deterministic,
+    sampling: str,
+    cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``."""
     x, g, x_t, g_t = _x_and_g(node, site, graph)
 
     def estimate(x_in, g_in):
         xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
-        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), _k(k, xr), deterministic)
+        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), _k(k, xr), deterministic, sampling)
         gs = (gr[idx].float() * w.unsqueeze(-1)).to(gr.dtype)
         return _apply(gs, xr[idx], site.x_side)
 
-    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, k, deterministic))
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, k, deterministic, sampling))
     replace_with_estimate(graph, node, sub, [x, g])
