@@ -17,7 +17,7 @@ def test_each_layer_compiled_in_place_shares_one_planned_graph():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = tiny_bert_classifier(layers=3).train()
-    backend = wtacrs_compile.backend()  # one backend object: one list of reports
+    backend = wtacrs_compile.backend(min_draw_gain=0)  # one backend object: one list of reports
     for layer in model.bert.encoder.layer:
         layer.compile(backend=backend)
     gen = torch.Generator().manual_seed(0)
@@ -47,7 +47,7 @@ def test_regional_rules_use_block_relative_names():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = tiny_bert_classifier(layers=2).train()
-    backend = wtacrs_compile.backend(rules=[{"match": "intermediate.dense", "enabled": False}])
+    backend = wtacrs_compile.backend(rules=[{"match": "intermediate.dense", "enabled": False}], min_draw_gain=0)
     for layer in model.bert.encoder.layer:
         layer.compile(backend=backend)
     ids, labels = _batch(torch.Generator().manual_seed(1))

@@ -231,6 +231,7 @@ def test_plain_data_options_equal_python_rules():
         ({"rules": [{"match": "x", "mode": "memroy"}]}, r"mode must be one of 'memory', .*did you mean 'memory'"),
         ({"rules": [{"match": "x", "deterministic": 1.0}]}, r"deterministic fraction must be in \[0, 1\)"),
         ({"sampling": "stratified"}, r"sampling must be 'systematic' .* or 'iid'"),
+        ({"min_draw_gain": -1}, r"min_draw_gain must be a number >= 0"),
         ({"rules": [{"match": "x", "sampling": "IID"}]}, r"rules\[0\].*sampling must be .*got 'IID' \(did you mean 'iid'\?\)"),
         ({"rules": [{"match": "x", "enabled": "no"}]}, r"enabled must be true or false"),
         ({"rules": [{"op": "Linear", "ratio": 0.5}]}, r"op must be one of 'linear', 'bmm', 'lora'.*did you mean 'linear'"),

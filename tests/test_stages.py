@@ -89,6 +89,26 @@ def test_rewrite_draws_the_noise_the_sampling_needs(joint, sampling, noise):
 
 
 
+def test_backward_draws_that_cannot_pay_stay_exact():
+    """A rank-4 bottleneck: its weight-gradient matmuls are too small next to what a backward
+    draw reads (gain 2 * 64 * 4 * 0.7 / (1.3 * 68) = 4 FLOPs per element); the wide layer of
+    the fixture pays (55)."""
+    from wtacrs_compile.passes.plan_memory import backward_draw_gain
+
+    torch.manual_seed(0)
+    narrow = capture_joint(nn.Sequential(nn.Linear(64, 4), nn.Linear(4, 64)), torch.randn(128, 64))
+    graph, jp, sites, resolved, outcome = planned(narrow, memory_budget=None)
+    assert [round(backward_draw_gain(s, 0.3), 1) for s in sites] == [4.1, 4.1]
+    for d in outcome.decisions.values():
+        assert d.decision == "exact" and "saves 4 weight-gradient FLOPs per element" in d.reason
+        assert "min_draw_gain 32" in d.reason
+    assert count(graph, aten.topk.default) == 0
+
+    graph, jp, sites, resolved, outcome = planned(narrow, memory_budget=None, min_draw_gain=0)
+    assert {d.decision for d in outcome.decisions.values()} == {"compute"}
+    assert count(graph, aten.topk.default) == 2
+
+
 def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):
     graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, mode="memory")
     measured = jp.report.measurements

@@ -365,6 +365,14 @@ class WTACRSConfig:
         budget solver gives up (the parameters outweigh the activations, as for BERT-base
         at a small batch) the backend lifts the partitioner's recomputation bans instead;
         see :mod:`wtacrs_compile.passes.plan_memory`.
+    min_draw_gain: a backward draw reads X and G once (row norms) and gathers k rows of each;
+        where the weight-gradient FLOPs it saves per element read
+        (:func:`~wtacrs_compile.passes.plan_memory.backward_draw_gain`) fall below this, the
+        op stays exact instead of ``compute``, with the figure in the report.  The default 32
+        is a rough break-even on the 2-core CPU profile (``results/profile-minilm.md``: the
+        matmuls run at ~280 GFLOP/s, the draws' reads cost ~0.1 ns per element, so about 30
+        FLOPs per element); it keeps rank-8 LoRA products and small per-head ``bmm``
+        products exact and samples every linear of BERT-style models.  0 samples every op.
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -383,6 +391,7 @@ class WTACRSConfig:
     pack_masks: bool = False
     grad_norm_feedback: bool = False
     memory_budget: Optional[float] = 0.1
+    min_draw_gain: float = 32.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -416,6 +425,13 @@ class WTACRSConfig:
                     f"activation_memory_budget; 1.0 = Inductor's default partition) or None, got {b!r}"
                 )
             object.__setattr__(self, "memory_budget", float(b))
+        g = self.min_draw_gain
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            _fail(
+                f"min_draw_gain must be a number >= 0 (weight-gradient FLOPs a backward draw must "
+                f"save per element it reads; 0 samples every op), got {g!r}"
+            )
+        object.__setattr__(self, "min_draw_gain", float(g))
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "WTACRSConfig":

@@ -268,8 +268,18 @@ class WTACRSJointPass(CustomGraphPass):
         feedback = (self.feedback.name, self.graph_tag) if self.feedback is not None else None
         plan_key = ("plan", key, self.config.fingerprint(), feedback,
                     tuple((s.node, s.fqn, repr(settings[s.node])) for s in candidates))
+        min_gain = self.config.min_draw_gain
+
+        def backward_draw_fails(site: MatmulSite) -> str:
+            gain = plan_memory.backward_draw_gain(site, settings[site.node].ratio)
+            if gain >= min_gain:
+                return ""
+            return (f"a backward draw saves {gain:.0f} weight-gradient FLOPs per element it reads "
+                    f"(< min_draw_gain {min_gain:g}): it would cost more than it saves; exact")
+
         result = self._cached(plan_key, lambda: plan_memory.plan(
-            graph, candidates, modes, apply, self.static_input_indices, baseline=baseline.saved
+            graph, candidates, modes, apply, self.static_input_indices, baseline=baseline.saved,
+            backward_draw_fails=backward_draw_fails,
         ))
         self.report.measurements.update(result.measurements)
         t = self._stage("plan", t)
