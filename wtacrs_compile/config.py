@@ -370,8 +370,8 @@ class WTACRSConfig:
         (:func:`~wtacrs_compile.passes.plan_memory.backward_draw_gain`) fall below this, the
         op stays exact instead of ``compute``, with the figure in the report.  The default 32
         is a rough break-even on the 2-core CPU profile (``results/profile-minilm.md``: the
-        matmuls run at ~280 GFLOP/s, the draws' reads cost ~0.1 ns per element, so about 30
-        FLOPs per element); it keeps rank-8 LoRA products and small per-head ``bmm``
+        matmuls run at ~280 GFLOP/s, the draws' reads cost roughly 0.07-0.13 ns per element,
+        20-40 FLOPs' worth); it keeps rank-8 LoRA products and small per-head ``bmm``
         products exact and samples every linear of BERT-style models.  0 samples every op.
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
