@@ -93,7 +93,8 @@ def accuracy_table(res: Dict[str, Any]) -> str:
     lines = [
         f"#### {title}",
         "",
-        f"`{res['command']}` ({mach['device']}, torch {mach['torch']}, {res['time']}); {task}",
+        f"`{res['command']}` ({mach['device']}, torch {mach['torch']}, {res['time']}); {task}"
+        + (f" Note: {res['note']}" if res.get("note") else ""),
         "",
         "| configuration | test accuracy % (mean +- std over seeds) | seeds | per seed | gap to exact, points (mean +- std of per-seed gaps) |",
         "| --- | ---: | --- | --- | ---: |",
