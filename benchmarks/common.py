@@ -178,7 +178,7 @@ def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, s
 # Configurations
 
 
-BUDGETS = (1.0, 0.5, 0.3, 0.1)
+BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.1)
 """activation_memory_budget values of the Pareto comparison: exact Inductor and wtacrs at each."""
 
 
