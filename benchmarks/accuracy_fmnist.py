@@ -28,6 +28,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
+import wtacrs_compile  # noqa: E402
+
 import common  # noqa: E402
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -76,7 +78,8 @@ def train_one(name, cfg, seed, data, args):
     fn, rec = common.compile_config(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    wtacrs_compile.manual_seed(seed)  # backward draws: their own stream (dropout stays paired)
     steps_per_epoch = len(xtr) // args.batch
     t0 = time.perf_counter()
     for _ in range(args.epochs):

@@ -103,12 +103,13 @@ def _ddp(rank):
     # 1. The same batch on both ranks.  Local sampled gradients differ (independent draws);
     #    replaying the same RNG state with synchronisation on gives their average.
     x, y = _data(0)
-    state = torch.get_rng_state()
+    state = torch.get_rng_state(), wtacrs_compile.rng.get_state()  # dropout's and the draws' streams
     with ddp.no_sync():
         model.zero_grad(set_to_none=True)
         _loss(compiled(x), y).backward()
     local = _grads(model)
-    torch.set_rng_state(state)
+    torch.set_rng_state(state[0])
+    wtacrs_compile.rng.set_state(state[1])
     model.zero_grad(set_to_none=True)
     _loss(compiled(x), y).backward()
     synced = _grads(model)

@@ -86,7 +86,7 @@ def test_uniform_noise_either_way(monkeypatch, lowered):
     # sources give float32 on [0, 1) in steps of 2**-24, uniform
     monkeypatch.setattr(ti, "inductor_lowers_rand_like", lambda: lowered)
     torch.manual_seed(0)
-    u = ti.uniform_noise((200, 100), torch.device("cpu"))
+    u = ti.replayable_uniform(torch.zeros(200, 100, dtype=torch.bfloat16))
     assert u.dtype == torch.float32 and u.shape == (200, 100)
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert torch.equal(u * 2**24, (u * 2**24).round())
@@ -94,6 +94,7 @@ def test_uniform_noise_either_way(monkeypatch, lowered):
     assert abs(float(u.mean()) - 0.5) < 0.01
     counts = torch.histc(u, bins=10, min=0.0, max=1.0)
     assert float(counts.min()) > 1800 and float(counts.max()) < 2200  # 2000 +- 4.7 sd
+    assert ti.replayable_uniform(torch.zeros(7, 5), per_row=True).shape == (7, 1)
 
 
 def test_make_fx_graph_traces_aten_ops_on_fake_tensors():

@@ -28,7 +28,7 @@ from tiny_models import tiny_bert_classifier
 from stats import assert_unbiased
 
 DRAWS = 300
-SAMPLING_OPS = {"sqrt", "cumsum", "argmin", "searchsorted", "topk", "rand_like"}
+SAMPLING_OPS = {"sqrt", "cumsum", "argmin", "searchsorted", "topk", "rand_like", "uniform"}
 
 
 @pytest.fixture(autouse=True, scope="module")

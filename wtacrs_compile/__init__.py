@@ -9,6 +9,7 @@ from .annotate import annotate, annotate_module, unannotate_module
 from .config import MODES, Rule, WTACRSConfig, WTACRSRuleWarning
 from .report import CompileReport, OpRecord, clear_reports, recent_reports
 from .inspection import InspectReport, inspect
+from .rng import manual_seed
 
 __all__ = [
     "MODES",
@@ -23,6 +24,7 @@ __all__ = [
     "backend",
     "clear_reports",
     "compile_module",
+    "manual_seed",
     "recent_reports",
     "unannotate_module",
     "wtacrs",

@@ -29,13 +29,13 @@ how ``bmm`` samples per (batch, head).
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .config import SAMPLINGS
-from .torch_internals import uniform_noise
+from . import rng
 
 DeterministicT = Union[str, float]
 
@@ -76,13 +76,20 @@ def winner_count(top_p: Tensor, k: int, deterministic: DeterministicT) -> Tensor
 
 
 def wtacrs_sample(
-    scores: Tensor, k: int, deterministic: DeterministicT = "adaptive", sampling: str = "systematic"
+    scores: Tensor,
+    k: int,
+    deterministic: DeterministicT = "adaptive",
+    sampling: str = "systematic",
+    noise: Callable[..., Tensor] = rng.uniform,
 ) -> Tuple[Tensor, Tensor]:
     """Draw ``k`` row indices and their weights from per-row ``scores`` of shape ``(*B, N)``.
 
     Returns ``(idx, weight)``, both ``(*B, k)``: ``idx`` int64, ``weight`` float32.  Winners
     have weight 1; drawn rows ``(1 - P_C) / ((k - c) p_j)``.  ``sampling``: ``"systematic"``
-    or ``"iid"`` (see the module docstring).
+    or ``"iid"`` (see the module docstring).  ``noise(like, per_row)``: uniform [0, 1) noise of
+    ``like``'s shape (one per leading index with ``per_row``); by default from the draws' own
+    stream (:func:`rng.uniform`), for forward draws from torch's generator
+    (``torch_internals.replayable_uniform``), which AOTAutograd can replay in backward.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"wtacrs: sampling must be one of {SAMPLINGS}, got {sampling!r}")
@@ -103,15 +110,13 @@ def wtacrs_sample(
     rest_mass = rest.sum(-1, keepdim=True)
     cdf = torch.cumsum(rest, dim=-1)
     # u in (0, 1]: a target > 0 never lands on a zero-mass row at the start of the CDF.
-    # The noise is drawn from a constant-shaped source so that replaying it in backward
-    # (see sample_matmul.py) needs only the RNG state, not a saved tensor.
     n_drawn = (k - c).to(p.dtype)
     if sampling == "iid":
-        u = 1.0 - uniform_noise(top_p.shape, top_p.device)
+        u = 1.0 - noise(top_p, False)
     else:
         # Drawn slot j = 0..m-1 (slot index minus c; winner slots' targets are unused) targets
         # (j + U) / m: m evenly spaced points, one random offset per leading index.
-        offset = uniform_noise((*top_p.shape[:-1], 1), top_p.device)
+        offset = noise(top_p, True)
         j = (slot - c).clamp_min(0).to(p.dtype)
         u = 1.0 - (j + offset) / n_drawn
     drawn = torch.searchsorted(cdf.contiguous(), (u * rest_mass).contiguous()).clamp_max(n - 1)

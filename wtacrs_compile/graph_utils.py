@@ -192,16 +192,18 @@ def innermost_module(node: fx.Node, search_depth: int = 0) -> Tuple[str, Tuple[t
 
 
 def is_random(node: fx.Node) -> bool:
-    """A call of a random ATen op: the draw's ``rand_like``, or ``rand`` where Inductor's
-    decompositions take it apart (torch 2.11, see ``torch_internals.decompositions``)."""
+    """A call of a random op (tagged ``nondeterministic_seeded``): a forward draw's ``rand_like``
+    (``rand`` where Inductor's decompositions take it apart, torch 2.11), a backward draw's
+    ``wtacrs::uniform``, dropout."""
     tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
     return torch.Tag.nondeterministic_seeded in tags
 
 
 def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any:
     """Insert a traced forward draw over ``x`` right after it (and after the placeholders),
-    with ``x``'s module metadata; its noise (``rand_like``/``rand``) is tagged to be replayed, never
-    redrawn, if the partitioner recomputes the draw in backward.  Returns the draw's outputs,
+    with ``x``'s module metadata; its noise (``torch_internals.replayable_uniform``) is tagged to
+    be replayed, never redrawn, if the partitioner recomputes the draw in backward (it may: no
+    forward output reads the draw, so the partitioner does not ban its recomputation).  Returns the draw's outputs,
     marked ``meta["wtacrs"] = "forward_sample"``."""
     before = x.next
     while before.op == "placeholder":

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.fx as fx
 
+from . import rng
 from .backend import WTACRSBackend
 from .config import WTACRSConfig
 from .graph_utils import graph_flops, innermost_module, saved_set, tangent_dependent, tensor_nbytes
@@ -491,12 +492,12 @@ def _describe(bw: fx.GraphModule, activations: Dict[str, int]) -> List[SavedTens
 @contextlib.contextmanager
 def _preserved(model: torch.nn.Module, inputs: Any) -> Iterator[None]:
     """Restore what a training step changes: ``.grad`` of every parameter and of inputs that
-    require grad, buffers (running statistics), and the global RNG state the step draws from
-    (dropout, sampling)."""
+    require grad, buffers (running statistics), the global RNG state (dropout) and the draws'
+    stream (sampling)."""
     leaves = _grad_leaves(model, inputs)
     grads = [t.grad for t in leaves]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), rng.fork():
         try:
             _clear_grads(model, inputs)
             yield

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = [
     "CustomGraphPass",
+    "checkpoint_tag",
     "FUSED_ATTENTION_BACKWARD",
     "compile_fx",
     "compile_fx_inner",
@@ -49,14 +50,15 @@ __all__ = [
     "inductor_lowers_rand_like",
     "is_static_input",
     "make_fx_graph",
+    "never_recompute",
     "original_module",
     "partition_joint",
     "replay_in_backward",
+    "replayable_uniform",
     "reset_dynamo",
     "size_hint",
     "stable_topological_sort",
     "tree_leaves",
-    "uniform_noise",
 ]
 
 aten = torch.ops.aten
@@ -84,21 +86,25 @@ def inductor_lowers_rand_like() -> bool:
     return aten.rand_like.default in lowerings
 
 
-def uniform_noise(shape: Sequence[Any], device: Any) -> torch.Tensor:
-    """Float32 noise, uniform on [0, 1) in steps of 2**-24 (as ``torch.rand`` gives), from an op
-    every supported Inductor lowers as a call of eager's generator: ``rand_like`` where it can
-    (:func:`inductor_lowers_rand_like`), else ``randint`` scaled.  Either is random to the
-    partitioner and replayable from saved RNG state."""
+def replayable_uniform(like: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Float32 noise, uniform on [0, 1) in steps of 2**-24, of ``like``'s shape (one number per
+    leading index with ``per_row``), from torch's global generator, for forward draws: tagged
+    with :func:`replay_in_backward`, AOTAutograd replays it from the RNG state saved in forward,
+    which works for torch's generators only (backward draws use the backend's own stream,
+    ``rng.uniform``).  The op is one every supported Inductor lowers as a call of eager's
+    generator: ``rand_like`` where it can (:func:`inductor_lowers_rand_like`), else ``randint``
+    scaled."""
+    shape = (*like.shape[:-1], 1) if per_row else tuple(like.shape)
     if inductor_lowers_rand_like():
-        return torch.rand_like(torch.zeros(shape, dtype=torch.float32, device=device))
-    return torch.randint(0, 1 << 24, tuple(shape), device=device).to(torch.float32) * (1.0 / (1 << 24))
+        return torch.rand_like(torch.zeros(shape, dtype=torch.float32, device=like.device))
+    return torch.randint(0, 1 << 24, shape, device=like.device).to(torch.float32) * (1.0 / (1 << 24))
 
 
 @functools.lru_cache(None)
 def decompositions() -> Dict[Any, Callable]:
     """Inductor's decomposition table, with ``rand_like`` kept whole where Inductor lowers it
-    (torch >= 2.12: a fallback to eager's generator; elsewhere the draws use ``randint``, see
-    :func:`uniform_noise`).  The noise op is random to the partitioner (never recomputed in
+    (torch >= 2.12: a fallback to eager's generator; elsewhere forward draws use ``randint``, see
+    :func:`replayable_uniform`).  The noise op is random to the partitioner (never recomputed in
     backward unless tagged, see :func:`replay_in_backward`)."""
     from torch._inductor.decomposition import select_decomp_table
 
@@ -139,6 +145,17 @@ def replay_in_backward(node: fx.Node) -> None:
     replays it under the RNG state saved in forward (``functionalize_rng_ops``) instead of
     drawing again."""
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
+def checkpoint_tag(node: fx.Node) -> Optional[CheckpointPolicy]:
+    """The activation-checkpointing policy a node is tagged with (``meta["recompute"]``), if any."""
+    return node.meta.get("recompute")
+
+
+def never_recompute(node: fx.Node) -> None:
+    """Tag a node so that the partitioner never recomputes it in backward (the activation
+    checkpointing policy ``MUST_SAVE``; in the min-cut partitioner a ban, not a forced save)."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
 def is_static_input(t: Any) -> bool:

@@ -2,6 +2,8 @@
 
 * :mod:`.match_matmuls`: find the weight-gradient matmuls of linear layers (analysis only);
 * :mod:`.match_bmm`: find the operand-gradient bmms of attention products (analysis only);
+* :mod:`.keep_random`: keep random ops (dropout) out of recomputation, which torch's
+  memory-budget partitioner would redraw in backward;
 * :mod:`.plan_memory`: decide per matched op: sample in forward, in backward, or leave exact;
 * :mod:`.sample_matmul`: rewrite a matched linear's weight-gradient matmul to WTA-CRS;
 * :mod:`.sample_bmm`: rewrite a matched bmm, one draw per (batch, head);

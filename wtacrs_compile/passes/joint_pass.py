@@ -35,6 +35,7 @@ from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
 from ..torch_internals import CustomGraphPass, stable_topological_sort
 from . import plan_memory
+from .keep_random import keep_random_ops
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
@@ -148,6 +149,9 @@ class WTACRSJointPass(CustomGraphPass):
         # them); copies for the planner need definitions before uses.
         stable_topological_sort(graph)
         report.joint_graph_before = str(graph)
+        # Before any partition (the planner's and the exact baseline's too): under a memory
+        # budget torch's partitioner would otherwise redraw dropout in backward.
+        report.random_ops_kept = keep_random_ops(graph)
         cache: dict = {}  # traced replacement subgraphs, reused across the planner's copies
         sites = self._analyse(graph)
         resolved = self._resolve(graph, sites)

@@ -17,7 +17,8 @@ Forward sampling (``memory``), for ``dQ = bmm(dS, permute(%kt3, [0, 2, 1]))`` (`
 ``%idx``, ``%w`` and ``%ks`` depend only on forward values; the draw's ``aten.rand_like`` is
 tagged ``MUST_RECOMPUTE``, so if the partitioner recomputes the draw in backward it replays
 the noise under the RNG state saved in forward (``functionalize_rng_ops``) instead of
-drawing other indices than the forward pass saved rows for.  Probabilities: ``||x_i||`` of
+drawing other indices than the forward pass saved rows for.  (Forward draws therefore take
+their noise from torch's generator; backward draws from the backend's own, ``rng.py``.)  Probabilities: ``||x_i||`` of
 the forward operand alone (``g`` is not known yet).  Whether the full ``X`` then leaves the
 saved set is the partitioner's call; the planner measures it.  For the softmax output ``P``
 (``X`` of ``dV = bmm(P^T, dC)``) it usually does not: softmax's backward needs ``P`` itself.
@@ -37,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from ..estimator import row_norms, wtacrs_sample
+from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_bmm import operand_rows
 from .match_matmuls import MatmulSite
@@ -96,7 +98,7 @@ def draw_bmm_forward_sample(
 
     def sample(x_in):
         rows = _rows(x_in, x_t)
-        idx, w = wtacrs_sample(row_norms(rows), k, deterministic, sampling)
+        idx, w = wtacrs_sample(row_norms(rows), k, deterministic, sampling, noise=replayable_uniform)
         return idx, w, gather_rows(rows, idx)
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic, sampling))

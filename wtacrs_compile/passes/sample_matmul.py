@@ -14,8 +14,10 @@ so the partitioner is free to save them, or to save what they are computed from 
 them in backward.  The one thing it must not do is draw the noise again: the partitioner does
 not ban recomputation of such nodes, so the draw's ``aten.rand_like`` is tagged
 ``MUST_RECOMPUTE``, which makes AOTAutograd replay it in backward under the RNG state saved
-in forward (``functionalize_rng_ops``).  Either way backward uses exactly the rows drawn in
-forward.  Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the
+in forward (``functionalize_rng_ops``); that replay knows torch's generators only, so forward
+draws take their noise from torch's generator (``torch_internals.replayable_uniform``) and
+backward draws from the backend's own stream (``rng.py``).  Either way backward uses exactly
+the rows drawn in forward.  Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the
 planner only picks this rewrite where it measured that it does.
 
 Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: the exact
@@ -34,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..estimator import row_norms, wtacrs_sample
+from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, transposed_source, val
 from .match_matmuls import MatmulSite
 
@@ -95,7 +98,7 @@ def draw_forward_sample(
         scores = row_norms(rows)
         if feedback is not None:
             scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
-        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic, sampling)
+        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic, sampling, noise=replayable_uniform)
         return idx, w, rows[idx]
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, sampling, feedback))
