@@ -187,3 +187,20 @@ def test_zero_rows_never_contribute_and_all_zero_input_is_uniform(sampling):
 def test_bad_k_is_rejected():
     with pytest.raises(ValueError, match="k must be in"):
         wtacrs_sample(torch.rand(4), 5)
+
+
+def test_draw_spec_is_wtacrs_sample_with_its_k():
+    """The rewriters' one draw description: k fixed or a function of N, the winner rule and
+    the sampling; hashable (it keys shared draws and the traced-subgraph cache)."""
+    from wtacrs_compile.estimator import DrawSpec
+
+    def half_noise(like, per_row):
+        return torch.full((*like.shape[:-1], 1) if per_row else tuple(like.shape), 0.5)
+
+    scores = torch.rand(3, 40, generator=torch.Generator().manual_seed(0))
+    for spec in (DrawSpec(lambda n: n // 4, 0.5, "iid"), DrawSpec(10, 0.5, "iid")):
+        idx, w = spec.sample(scores, noise=half_noise)
+        ref_idx, ref_w = wtacrs_sample(scores, 10, 0.5, "iid", half_noise)
+        assert idx.shape == (3, 10) and torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+    assert DrawSpec(10) == DrawSpec(10) and hash(DrawSpec(10)) == hash(DrawSpec(10))
+    assert DrawSpec(10) != DrawSpec(10, sampling="iid")

@@ -29,7 +29,8 @@ how ``bmm`` samples per (batch, head).
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -127,6 +128,24 @@ def wtacrs_sample(
     idx = torch.where(is_winner, top_idx, drawn)
     weight = torch.where(is_winner, torch.ones_like(w_drawn), w_drawn)
     return idx, weight
+
+
+@dataclass(frozen=True)
+class DrawSpec:
+    """How one draw is made, as the rewriters need it: ``k`` rows (an int, or a function of
+    the traced row count ``N``, a SymInt under dynamic shapes), the winner rule and the
+    sampling.  Hashable: it keys the traced-subgraph cache and shared forward draws."""
+
+    k: Union[int, Callable[[Any], Any]]
+    deterministic: DeterministicT = "adaptive"
+    sampling: str = "systematic"
+
+    def k_of(self, n: Any) -> Any:
+        return self.k(n) if callable(self.k) else self.k
+
+    def sample(self, scores: Tensor, noise: Callable[..., Tensor] = rng.uniform) -> Tuple[Tensor, Tensor]:
+        """:func:`wtacrs_sample` over the last dim of ``scores`` with this spec."""
+        return wtacrs_sample(scores, self.k_of(scores.shape[-1]), self.deterministic, self.sampling, noise)
 
 
 def sampled_matmul_reference(

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
+from ..estimator import DrawSpec
 from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, partition_saved, traced_size
 from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
@@ -333,11 +334,11 @@ class WTACRSJointPass(CustomGraphPass):
         for site in sites:
             s = settings[site.node]
             # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
-            k = s.k_for if site.dynamic_n else s.k_for(site.n)
+            draw = DrawSpec(s.k_for if site.dynamic_n else s.k_for(site.n), s.deterministic, s.sampling)
             node = nodes[site.node]
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
-                key = (site.x_key, k, s.deterministic, s.sampling)
+                key = (site.x_key, draw)
                 # Gradient-norm feedback (linear layers): the draw reads the cached norms, the
                 # site that owns the draw writes this step's.
                 fb = None
@@ -346,9 +347,9 @@ class WTACRSJointPass(CustomGraphPass):
                     fb = self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}")
                 if key not in draws:
                     if bmm:
-                        draws[key] = (draw_bmm_forward_sample(graph, node, site, k, s.deterministic, s.sampling, cache), site.node)
+                        draws[key] = (draw_bmm_forward_sample(graph, node, site, draw, cache), site.node)
                     else:
-                        draws[key] = (draw_forward_sample(graph, node, site, k, s.deterministic, s.sampling, cache, fb), site.node)
+                        draws[key] = (draw_forward_sample(graph, node, site, draw, cache, fb), site.node)
                 else:  # never with fb: a draw with feedback has one reader
                     shared[site.node] = draws[key][1]
                 applied.rows[site.node] = draws[key][0].rows.name
@@ -360,7 +361,7 @@ class WTACRSJointPass(CustomGraphPass):
                     rewrite_with_forward_sample(graph, node, site, draws[key][0], cache, fb)
             else:
                 rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
-                rewrite(graph, node, site, k, s.deterministic, s.sampling, cache)
+                rewrite(graph, node, site, draw, cache)
         graph.eliminate_dead_code()
         return applied
 
@@ -414,8 +415,7 @@ class WTACRSJointPass(CustomGraphPass):
         k = s.k_for(n) if n > 0 else -1
         elem = site.dtype.itemsize
         before = site.batch * n * site.d * elem if n > 0 and site.d > 0 else 0
-        d_out = traced_size(site.g_shape[-1]) if site.g_shape else 0
-        flops_before = 2 * site.batch * n * site.d * d_out if n > 0 and site.d > 0 and d_out > 0 else 0
+        flops_before = site.weight_grad_flops(n)
         if site.node in skipped:
             decision, reason, measured = "exact", skipped[site.node], None
         else:
@@ -435,7 +435,7 @@ class WTACRSJointPass(CustomGraphPass):
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
                 after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
         sampled = decision in (plan_memory.MEMORY, plan_memory.COMPUTE) and 0 < k < n
-        flops_after = 2 * site.batch * k * site.d * d_out if sampled and flops_before else flops_before
+        flops_after = site.weight_grad_flops(k) if sampled and flops_before else flops_before
         recomputed = site.node in outcome.recomputed
         if recomputed and decision != plan_memory.MEMORY:
             reason += "; its activation is recomputed exactly in backward (memory_budget), not saved"

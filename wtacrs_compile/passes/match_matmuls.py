@@ -32,6 +32,7 @@ from ..graph_utils import (
     strip_views,
     view_key,
     tangent_dependent,
+    traced_size,
     transposed_source,
     val,
 )
@@ -62,6 +63,12 @@ class MatmulSite:
     @property
     def x_bytes(self) -> int:
         return self.batch * self.n * self.d * _elem(self.dtype)
+
+    def weight_grad_flops(self, rows: int) -> int:
+        """FLOPs of the matmul ``G^T X`` over ``rows`` of the N rows: ``2 rows D_in D_out`` per
+        batch entry (traced sizes); 0 where a size is unknown."""
+        d_out = traced_size(self.g_shape[-1]) if self.g_shape else 0
+        return 2 * self.batch * rows * self.d * d_out if rows > 0 and self.d > 0 and d_out > 0 else 0
 
 
 def _elem(dtype: torch.dtype) -> int:

@@ -87,8 +87,8 @@ def backward_draw_gain(site: MatmulSite, ratio: float) -> float:
     MiniLM's linears at ratio 0.3: 207 (384 x 384) and 331 (384 x 1536); a rank-8 LoRA
     adapter on them: 8.
     """
-    d_in, d_out = site.d, site.g_shape[-1]
-    return 2.0 * d_in * d_out * (1.0 - ratio) / ((1.0 + ratio) * (d_in + d_out))
+    per_row = site.weight_grad_flops(1) / site.batch  # 2 D_in D_out
+    return per_row * (1.0 - ratio) / ((1.0 + ratio) * (site.d + site.g_shape[-1])) if per_row else 0.0
 
 
 def site_class(site: MatmulSite) -> str:

@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 import torch.fx as fx
 
-from ..estimator import row_norms, wtacrs_sample
+from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_bmm import operand_rows
@@ -51,7 +51,6 @@ class BmmForwardSample:
     idx: fx.Node  # (b, k) int64
     weight: fx.Node  # (b, k) float32
     rows: fx.Node  # (b, k, d): the sampled rows of X, unscaled
-    k: int
 
 
 def _operands(node: fx.Node, site: MatmulSite) -> Tuple[fx.Node, bool, fx.Node, bool]:
@@ -88,9 +87,7 @@ def draw_bmm_forward_sample(
     graph: fx.Graph,
     node: fx.Node,
     site: MatmulSite,
-    k: int,
-    deterministic,
-    sampling: str,
+    draw: DrawSpec,
     cache: Optional[dict] = None,
 ) -> BmmForwardSample:
     """Insert the forward draw of ``site``'s X rows, ``p_i ∝ ||x_i||`` per batch entry."""
@@ -98,12 +95,12 @@ def draw_bmm_forward_sample(
 
     def sample(x_in):
         rows = _rows(x_in, x_t)
-        idx, w = wtacrs_sample(row_norms(rows), k, deterministic, sampling, noise=replayable_uniform)
+        idx, w = draw.sample(row_norms(rows), noise=replayable_uniform)
         return idx, w, gather_rows(rows, idx)
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, k, deterministic, sampling))
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, draw))
     idx, w, rows = insert_forward_draw(graph, sub, x)
-    return BmmForwardSample(idx, w, rows, k)
+    return BmmForwardSample(idx, w, rows)
 
 
 def rewrite_bmm_with_forward_sample(
@@ -124,9 +121,7 @@ def rewrite_bmm_with_backward_sample(
     graph: fx.Graph,
     node: fx.Node,
     site: MatmulSite,
-    k: int,
-    deterministic,
-    sampling: str,
+    draw: DrawSpec,
     cache: Optional[dict] = None,
 ) -> None:
     """The estimator drawn in backward per batch entry with ``p_i ∝ ||x_i|| ||g_i||``."""
@@ -134,9 +129,9 @@ def rewrite_bmm_with_backward_sample(
 
     def estimate(x_in, g_in):
         xr, gr = _rows(x_in, x_t), _rows(g_in, g_t)
-        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), k, deterministic, sampling)
+        idx, w = draw.sample(row_norms(xr) * row_norms(gr))
         return _product(_weighted(gr, idx, w), gather_rows(xr, idx), site.x_side)
 
-    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, k, deterministic, sampling)
+    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, draw)
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
     replace_with_estimate(graph, node, sub, [x, g])

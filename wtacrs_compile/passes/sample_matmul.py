@@ -30,12 +30,12 @@ float32), so a low-precision activation is stored bit-exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from ..estimator import row_norms, wtacrs_sample
+from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, transposed_source, val
 from .match_matmuls import MatmulSite
@@ -65,12 +65,6 @@ class ForwardSample:
     idx: fx.Node
     weight: fx.Node
     rows: fx.Node
-    k: int
-
-
-def _k(k: Union[int, Callable[[Any], Any]], rows: torch.Tensor):
-    """``k`` given, or computed from the traced row count (a SymInt under dynamic shapes)."""
-    return k(rows.shape[0]) if callable(k) else k
 
 
 def _apply(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
@@ -81,9 +75,7 @@ def draw_forward_sample(
     graph: fx.Graph,
     node: fx.Node,
     site: MatmulSite,
-    k: int,
-    deterministic,
-    sampling: str,
+    draw: DrawSpec,
     cache: Optional[dict] = None,
     feedback: Optional[str] = None,
 ) -> ForwardSample:
@@ -98,12 +90,12 @@ def draw_forward_sample(
         scores = row_norms(rows)
         if feedback is not None:
             scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
-        idx, w = wtacrs_sample(scores, _k(k, rows), deterministic, sampling, noise=replayable_uniform)
+        idx, w = draw.sample(scores, noise=replayable_uniform)
         return idx, w, rows[idx]
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, k, deterministic, sampling, feedback))
+    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, draw, feedback))
     idx, w, rows = insert_forward_draw(graph, sub, x)
-    return ForwardSample(idx, w, rows, k)
+    return ForwardSample(idx, w, rows)
 
 
 def rewrite_with_forward_sample(
@@ -137,9 +129,7 @@ def rewrite_with_backward_sample(
     graph: fx.Graph,
     node: fx.Node,
     site: MatmulSite,
-    k: int,
-    deterministic,
-    sampling: str,
+    draw: DrawSpec,
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``."""
@@ -147,9 +137,9 @@ def rewrite_with_backward_sample(
 
     def estimate(x_in, g_in):
         xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
-        idx, w = wtacrs_sample(row_norms(xr) * row_norms(gr), _k(k, xr), deterministic, sampling)
+        idx, w = draw.sample(row_norms(xr) * row_norms(gr))
         gs = (gr[idx].float() * w.unsqueeze(-1)).to(gr.dtype)
         return _apply(gs, xr[idx], site.x_side)
 
-    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, k, deterministic, sampling))
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, draw))
     replace_with_estimate(graph, node, sub, [x, g])
