@@ -97,3 +97,15 @@ def assert_entries_unbiased(samples: torch.Tensor, exact: torch.Tensor, groups: 
     assert chi < 1 + 4 * math.sqrt(2 / groups), f"mean z^2 = {chi:.3f} over {n} entries: biased"
     assert abs(t_mass) < bound, f"mass t = {t_mass:.2f}, bound {bound:.2f}: biased"
     return {"n": n, "fixed": int(fixed.sum()), "max_z": float(z.abs().max()), "mean_z2": chi, "t_mass": t_mass}
+
+
+def assert_uniform_noise(u: torch.Tensor, shape) -> None:
+    """Draw noise as the estimator needs it: float32 on [0, 1) in steps of 2**-24, uniform
+    (mean and a 10-bin histogram within bounds from the sample size, 20,000 values)."""
+    assert u.dtype == torch.float32 and tuple(u.shape) == tuple(shape)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).round())
+    # mean 1/2, standard error sqrt(1/12 / 20000) = 0.002
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
+    assert float(counts.min()) > 1800 and float(counts.max()) < 2200  # 2000 +- 4.7 sd

@@ -8,17 +8,13 @@ from torch import nn
 import wtacrs_compile
 from wtacrs_compile import rng
 
+from stats import assert_uniform_noise
+
 
 def test_uniform_is_float32_on_the_2_pow_24_grid_and_uniform():
     torch.manual_seed(0)
     u = rng.uniform(torch.zeros(200, 100))
-    assert u.dtype == torch.float32 and u.shape == (200, 100)
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
-    assert torch.equal(u * 2**24, (u * 2**24).round())
-    # mean 1/2, standard error sqrt(1/12 / 20000) = 0.002
-    assert abs(float(u.mean()) - 0.5) < 0.01
-    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
-    assert float(counts.min()) > 1800 and float(counts.max()) < 2200  # 2000 +- 4.7 sd
+    assert_uniform_noise(u, (200, 100))
     assert rng.uniform(torch.zeros(7, 5, dtype=torch.bfloat16), per_row=True).shape == (7, 1)
 
 

@@ -15,6 +15,8 @@ import wtacrs_compile
 from wtacrs_compile import torch_internals as ti
 from wtacrs_compile.graph_utils import PartitionerSettings, _RELAXED_BANS
 
+from stats import assert_uniform_noise
+
 PACKAGE = pathlib.Path(wtacrs_compile.__file__).parent
 
 
@@ -87,13 +89,7 @@ def test_uniform_noise_either_way(monkeypatch, lowered):
     monkeypatch.setattr(ti, "inductor_lowers_rand_like", lambda: lowered)
     torch.manual_seed(0)
     u = ti.replayable_uniform(torch.zeros(200, 100, dtype=torch.bfloat16))
-    assert u.dtype == torch.float32 and u.shape == (200, 100)
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
-    assert torch.equal(u * 2**24, (u * 2**24).round())
-    # mean 1/2, standard error sqrt(1/12 / 20000) = 0.002
-    assert abs(float(u.mean()) - 0.5) < 0.01
-    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
-    assert float(counts.min()) > 1800 and float(counts.max()) < 2200  # 2000 +- 4.7 sd
+    assert_uniform_noise(u, (200, 100))
     assert ti.replayable_uniform(torch.zeros(7, 5), per_row=True).shape == (7, 1)
 
 

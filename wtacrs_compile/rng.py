@@ -1,8 +1,8 @@
-"""The draws' own random stream.
+"""The backward draws' own random stream.
 
-Every WTA-CRS draw takes its noise from a generator this module owns, one per device, never
-from torch's global generator.  Turning the backend on therefore changes nothing else a
-training run draws: dropout masks, a ``DataLoader``'s shuffling and any initialisation see
+Backward draws (the default) take their noise from a generator this module owns, one per
+device, never from torch's global generator.  With the defaults, turning the backend on
+therefore changes nothing else a training run draws: dropout masks, a ``DataLoader``'s shuffling and any initialisation see
 the same random numbers with and without it, so an exact run and a wtacrs run with the same
 seed differ only by the estimate (the paired comparison the accuracy benchmarks make).
 
@@ -104,16 +104,19 @@ def fork() -> Iterator[None]:
         set_state(state)
 
 
+def noise_shape(like: torch.Tensor, per_row: bool) -> Tuple[int, ...]:
+    """The shape of a draw's noise: ``like``'s, or one number per leading index (``per_row``)."""
+    return (*like.shape[:-1], 1) if per_row else tuple(like.shape)
+
+
 @torch.library.custom_op("wtacrs::uniform", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _uniform(like: torch.Tensor, per_row: bool) -> torch.Tensor:
-    shape = (*like.shape[:-1], 1) if per_row else tuple(like.shape)
-    return torch.rand(shape, generator=generator(like.device), device=like.device, dtype=torch.float32)
+    return torch.rand(noise_shape(like, per_row), generator=generator(like.device), device=like.device, dtype=torch.float32)
 
 
 @_uniform.register_fake
 def _(like, per_row):
-    shape = (*like.shape[:-1], 1) if per_row else tuple(like.shape)
-    return like.new_empty(shape, dtype=torch.float32)
+    return like.new_empty(noise_shape(like, per_row), dtype=torch.float32)
 
 
 def uniform(like: torch.Tensor, per_row: bool = False) -> torch.Tensor:

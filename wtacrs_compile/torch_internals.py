@@ -37,6 +37,8 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .rng import noise_shape
+
 __all__ = [
     "CustomGraphPass",
     "checkpoint_tag",
@@ -94,7 +96,7 @@ def replayable_uniform(like: torch.Tensor, per_row: bool = False) -> torch.Tenso
     ``rng.uniform``).  The op is one every supported Inductor lowers as a call of eager's
     generator: ``rand_like`` where it can (:func:`inductor_lowers_rand_like`), else ``randint``
     scaled."""
-    shape = (*like.shape[:-1], 1) if per_row else tuple(like.shape)
+    shape = noise_shape(like, per_row)
     if inductor_lowers_rand_like():
         return torch.rand_like(torch.zeros(shape, dtype=torch.float32, device=like.device))
     return torch.randint(0, 1 << 24, shape, device=like.device).to(torch.float32) * (1.0 / (1 << 24))

@@ -18,8 +18,8 @@ Forward sampling (``memory``), for ``dQ = bmm(dS, permute(%kt3, [0, 2, 1]))`` (`
 tagged ``MUST_RECOMPUTE``, so if the partitioner recomputes the draw in backward it replays
 the noise under the RNG state saved in forward (``functionalize_rng_ops``) instead of
 drawing other indices than the forward pass saved rows for.  (Forward draws therefore take
-their noise from torch's generator; backward draws from the backend's own, ``rng.py``.)  Probabilities: ``||x_i||`` of
-the forward operand alone (``g`` is not known yet).  Whether the full ``X`` then leaves the
+their noise from torch's generator; backward draws from the backend's own, ``rng.py``.)
+Probabilities: ``||x_i||`` of the forward operand alone (``g`` is not known yet).  Whether the full ``X`` then leaves the
 saved set is the partitioner's call; the planner measures it.  For the softmax output ``P``
 (``X`` of ``dV = bmm(P^T, dC)``) it usually does not: softmax's backward needs ``P`` itself.
 

@@ -17,8 +17,8 @@ not ban recomputation of such nodes, so the draw's ``aten.rand_like`` is tagged
 in forward (``functionalize_rng_ops``); that replay knows torch's generators only, so forward
 draws take their noise from torch's generator (``torch_internals.replayable_uniform``) and
 backward draws from the backend's own stream (``rng.py``).  Either way backward uses exactly
-the rows drawn in forward.  Whether the full ``%x2d`` then leaves the saved set is the partitioner's call; the
-planner only picks this rewrite where it measured that it does.
+the rows drawn in forward.  Whether the full ``%x2d`` then leaves the saved set is the
+partitioner's call; the planner only picks this rewrite where it measured that it does.
 
 Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: the exact
 gradient-row norms (lower variance), nothing saved, weight-gradient FLOPs cut to ``k/N``.
