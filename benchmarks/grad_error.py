@@ -9,7 +9,8 @@ draws), with ``dW`` the exact gradient of plain Inductor on the same weights and
 Configurations: forward draws with ``p ∝ ||x_i||`` (``mode="all"``, the paper's way without
 cached norms, which the first release used), and backward draws with the exact
 ``p ∝ ||x_i|| ||g_i||`` (``mode="compute"``, the default); each with the paper's i.i.d. draws
-(``sampling="iid"``) and with systematic ones (the default).  Dropout is off (eval-mode dropout
+(``sampling="iid"``) and with systematic ones (the default); forward draws also with the
+last layer's ``[CLS]``-only gradients read exactly (``live_rows``, the default).  Dropout is off (eval-mode dropout
 with train-mode autograd) so the exact gradient is deterministic.
 """
 
@@ -30,8 +31,11 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 CONFIGS = {
-    "forward draw, ‖x‖ (mode all, i.i.d.)": {"mode": "all", "memory_budget": None, "sampling": "iid"},
-    "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None},
+    "forward draw, ‖x‖ (mode all, i.i.d.)": {"mode": "all", "memory_budget": None, "sampling": "iid",
+                                             "live_rows": False},
+    "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None, "live_rows": False},
+    # + zero rows: ops whose G the graph proves zero outside the [CLS] rows read those rows exactly
+    "forward draw, ‖x‖ + live rows (mode all, systematic)": {"mode": "all", "memory_budget": None},
     "backward draw, ‖x‖·‖g‖ (compute, i.i.d.)": {"mode": "compute", "sampling": "iid"},
     "backward draw, ‖x‖·‖g‖ (compute, systematic: default)": {"mode": "compute"},
 }

@@ -31,7 +31,8 @@ def test_three_trainer_steps_run_the_rewritten_graph(tmp_path):
     train = [r for r in backend.reports if r.ops]
     assert train, "the Trainer ran the compiled module"
     decisions = {op.module: op.decision for op in train[0].ops}
-    assert decisions["bert.encoder.layer.0.intermediate.dense"] == "compute"
+    assert decisions["bert.encoder.layer.0.attention.self.key"] == "compute"
+    assert decisions["bert.encoder.layer.0.intermediate.dense"] == "live_rows"  # [CLS]-only G
     assert decisions["classifier"] == "exact"
     assert train[0].compiled_saved_bytes is not None
     # ... and the steps trained the model through it.

@@ -333,8 +333,8 @@ class OpSettings:
 class WTACRSConfig:
     """Settings of the ``wtacrs`` backend.
 
-    ratio: fraction of rows (tokens) kept for a weight gradient, in (0, 1]. At 1.0 the pass
-        rewrites nothing and gradients equal plain ``torch.compile``'s.
+    ratio: fraction of rows (tokens) kept for a weight gradient, in (0, 1]. At 1.0 nothing is
+        sampled and gradients are exact (``live_rows`` still applies: exact too).
     min_k: the least number of rows kept, whatever the ratio.
     deterministic: ``"adaptive"`` (the paper: winner count minimising ``(1-P_C)/(k-c)``), a
         fixed fraction of k in [0, 1), or 0 for plain column-row sampling.
@@ -358,6 +358,12 @@ class WTACRSConfig:
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
+    live_rows: where the joint graph proves rows of an op's output gradient zero (a head that
+        reads one token: ``[CLS]`` pooling, the last position), the op's weight gradient reads
+        only the other rows, exactly, and its activation is saved for those rows only
+        (decision ``live_rows``; :mod:`wtacrs_compile.passes.live_rows`).  Exact, so on by
+        default and at any ratio, for every enabled op (a disabled op is left as plain
+        ``torch.compile`` compiles it); ``False`` leaves such ops to the other settings.
     memory_budget: exact recomputation first: the partitioner's
         ``activation_memory_budget`` for this compile, in (0, 1] (1.0: Inductor's default
         partition; ``None``: leave torch's setting alone).  A budget the user set in
@@ -390,6 +396,7 @@ class WTACRSConfig:
     ops: tuple = ("linear",)
     pack_masks: bool = False
     grad_norm_feedback: bool = False
+    live_rows: bool = True
     memory_budget: Optional[float] = 0.1
     min_draw_gain: float = 32.0
 
@@ -409,7 +416,7 @@ class WTACRSConfig:
             except ValueError as e:  # say which rule of the list
                 raise ValueError(str(e).replace("wtacrs config: ", f"wtacrs config: rules[{i}]: ", 1)) from None
         object.__setattr__(self, "rules", tuple(parsed))
-        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback"):
+        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback", "live_rows"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)

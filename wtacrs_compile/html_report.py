@@ -27,7 +27,7 @@ th { background: #f5f5f7; position: sticky; top: 0; } td.n { text-align: right; 
 td.reason { color: #444; font-size: 12px; line-height: 1.3; overflow-wrap: anywhere; }
 .d { border-radius: 4px; padding: 1px 6px; font-weight: 600; font-size: 12px; }
 .d-memory { background: #d8f5dd; color: #11602a; } .d-compute { background: #dde8ff; color: #1f3f8f; }
-.d-exact { background: #eee; color: #555; }
+.d-exact { background: #eee; color: #555; } .d-live_rows { background: #f3ecd8; color: #6a4f0b; }
 .bar { background: #eee; height: 6px; width: 120px; border-radius: 3px; margin-top: 3px; }
 .bar > div { background: #3a9d5d; height: 6px; border-radius: 3px; }
 details { margin: 8px 0; } summary { cursor: pointer; font-weight: 600; }

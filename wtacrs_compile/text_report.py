@@ -27,6 +27,7 @@ LEGEND = (
     "  recomputed from) counts here as well, so these do not add up (names: --json).",
     "measured: saved bytes the op's class removed in the pass's partitioner trials.",
     "dW FLOPs: the weight-gradient matmul's, exact -> as rewritten (2 k D_in D_out when sampled).",
+    "live_rows: exact over the k rows of G that can be non-zero (the rest are provably zero).",
 )
 
 
@@ -71,7 +72,7 @@ def _table(header: List[str], rows: List[List[str]], right: Sequence[int] = ()) 
 
 
 def _decision_summary(decisions: Dict[str, int]) -> str:
-    order = ["memory", "compute", "exact"]
+    order = ["memory", "compute", "live_rows", "exact"]
     keys = [k for k in order if k in decisions] + sorted(k for k in decisions if k not in order)
     return ", ".join(f"{decisions[k]} {k}" for k in keys)
 

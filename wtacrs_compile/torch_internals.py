@@ -55,6 +55,7 @@ __all__ = [
     "never_recompute",
     "original_module",
     "partition_joint",
+    "real_tensors",
     "replay_in_backward",
     "replayable_uniform",
     "reset_dynamo",
@@ -140,6 +141,14 @@ def partition_joint(
         num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_input_indices,
     )
+
+
+def real_tensors():
+    """A context in which tensor factories make real tensors, even inside a compile (whose
+    fake mode is otherwise ambient): for analyses that compute on small concrete values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def replay_in_backward(node: fx.Node) -> None:

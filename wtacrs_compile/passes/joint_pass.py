@@ -4,6 +4,8 @@ Its stages, each taking and returning plain data (``docs/architecture.md``)::
 
     sites    = _analyse(joint)                # match_matmuls.py, match_bmm.py -> [MatmulSite]
     resolved = _resolve(joint, sites)         # config rules, annotations     -> Resolved
+    _live_rows(joint, resolved)               # live_rows.py: exact rewrite of enabled ops whose
+                                              # G has provably zero rows -> Resolved.live
     baseline = _exact_baseline(joint)         # best exact partition          -> Baseline
     outcome  = _plan_and_rewrite(...)         # plan_memory.py on copies, then one rewrite of
                                               # the real graph (sample_*.py) -> Outcome
@@ -18,6 +20,7 @@ config, so Inductor's FX graph cache never serves a graph compiled under other s
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import logging
@@ -37,6 +40,7 @@ from ..report import CompileReport, OpRecord
 from ..torch_internals import CustomGraphPass, stable_topological_sort
 from . import plan_memory
 from .keep_random import keep_random_ops
+from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
@@ -67,6 +71,8 @@ class Resolved:
     settings: Dict[str, OpSettings] = field(default_factory=dict)  # site node -> settings
     candidates: List[MatmulSite] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)  # site node -> reason left exact
+    live: Dict[str, LiveRows] = field(default_factory=dict)  # site node -> rows it reads (exact)
+    notes: Dict[str, str] = field(default_factory=dict)  # site node -> a fact for its record
 
 
 @dataclass
@@ -156,6 +162,9 @@ class WTACRSJointPass(CustomGraphPass):
         cache: dict = {}  # traced replacement subgraphs, reused across the planner's copies
         sites = self._analyse(graph)
         resolved = self._resolve(graph, sites)
+        t = time.perf_counter()
+        self._live_rows(graph, resolved, cache)
+        self._stage("live_rows", t)
         log.info(
             "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
             self.graph_tag, len(sites), len(resolved.candidates),
@@ -192,6 +201,41 @@ class WTACRSJointPass(CustomGraphPass):
         if "bmm" in self.config.ops:  # attention products; fused SDPA comes back as exact sites
             sites += find_bmm_sites(graph, self.params)
         return sites
+
+    def _live_rows(self, graph: fx.Graph, resolved: Resolved, cache: dict) -> None:
+        """Stage 2b: enabled ops whose output gradient has provably zero rows read only the
+        others, exactly (``live_rows.py``); they leave the candidates.  Inductor's own
+        partition is measured first, on the graph as it came: the report's "Inductor" figures
+        stay plain torch.compile's."""
+        if not self.config.live_rows:
+            return
+        enabled = [s for s in resolved.sites if resolved.settings[s.node].enabled]
+        found = find_live_rows(graph, enabled)
+        for name, rows in found.items():
+            if isinstance(rows, str):
+                resolved.notes[name] = rows
+            else:
+                resolved.live[name] = rows
+                resolved.skipped.pop(name, None)
+        if not resolved.live:
+            return
+        resolved.candidates = [s for s in resolved.candidates if s.node not in resolved.live]
+        p = self.partitioner
+        key = graph_key(graph, [self.static_input_indices, p.key() if p else None])
+
+        def measure_inductor() -> None:
+            with p.unbudgeted() if p is not None else contextlib.nullcontext():
+                inductor = partition_saved(graph, self.static_input_indices)
+            self.report.measurements["inductor"] = inductor.activation_bytes
+            self.report.flops["inductor"] = fw_bw_flops(inductor)
+
+        self._cached(("inductor", key), measure_inductor)
+        nodes = {n.name: n for n in graph.nodes}
+        for site in resolved.sites:
+            if site.node in resolved.live:
+                rewrite_with_live_rows(graph, nodes[site.node], site, resolved.live[site.node], cache)
+        graph.eliminate_dead_code()
+        log.info("wtacrs: graph %d: %d ops read only their live rows", self.graph_tag, len(resolved.live))
 
     def _resolve(self, graph: fx.Graph, sites: List[MatmulSite]) -> Resolved:
         """Stage 2: each site's settings from the config's rules and in-code annotations;
@@ -376,8 +420,9 @@ class WTACRSJointPass(CustomGraphPass):
             return Baseline(partition_saved(graph, self.static_input_indices))
         with p.unbudgeted():
             inductor = partition_saved(graph, self.static_input_indices)
-        self.report.measurements["inductor"] = inductor.activation_bytes
-        self.report.flops["inductor"] = fw_bw_flops(inductor)
+        # (already measured before an exact live-rows rewrite: those are plain Inductor's)
+        self.report.measurements.setdefault("inductor", inductor.activation_bytes)
+        self.report.flops.setdefault("inductor", fw_bw_flops(inductor))
         inductor_roots = plan_memory.saved_roots(inductor)
         baseline = partition_saved(graph, self.static_input_indices)
         self.report.measurements["exact_budget"] = baseline.activation_bytes
@@ -413,10 +458,14 @@ class WTACRSJointPass(CustomGraphPass):
         # (the expression goes in the reason), never as a SymInt that outlives the compile.
         n = site.n if site.n > 0 else traced_size(site.x_shape[0]) if site.x_shape else -1
         k = s.k_for(n) if n > 0 else -1
-        elem = site.dtype.itemsize
-        before = site.batch * n * site.d * elem if n > 0 and site.d > 0 else 0
+        before = site.x_bytes(n)
         flops_before = site.weight_grad_flops(n)
-        if site.node in skipped:
+        live = resolved.live.get(site.node)
+        if live is not None:
+            decision, measured = plan_memory.LIVE_ROWS, None
+            reason = f"{live.describe()} (the graph scatters its gradient into zeros): reads those rows, exactly"
+            k = live.count
+        elif site.node in skipped:
             decision, reason, measured = "exact", skipped[site.node], None
         else:
             d = decisions[site.node]
@@ -433,8 +482,12 @@ class WTACRSJointPass(CustomGraphPass):
                 after = max(0, before - measured)
             elif not in_backward:
                 # per batch entry (bmm): k rows, k int64 indices, k float32 weights
-                after = 0 if site.node in shared or k < 0 else site.batch * k * (site.d * elem + 8 + 4)
-        sampled = decision in (plan_memory.MEMORY, plan_memory.COMPUTE) and 0 < k < n
+                after = 0 if site.node in shared or k < 0 else site.x_bytes(k) + site.batch * k * (8 + 4)
+        elif live is not None:  # X's live rows, a copy the partitioner saves unless X is kept anyway
+            after = site.x_bytes(live.count)
+        if site.node in resolved.notes:
+            reason += f"; {resolved.notes[site.node]}"
+        sampled = decision in (plan_memory.MEMORY, plan_memory.COMPUTE, plan_memory.LIVE_ROWS) and 0 < k < n
         flops_after = site.weight_grad_flops(k) if sampled and flops_before else flops_before
         recomputed = site.node in outcome.recomputed
         if recomputed and decision != plan_memory.MEMORY:

@@ -60,19 +60,16 @@ class MatmulSite:
     # N is symbolic (dynamic shapes): ``n`` is -1 and k is a SymInt following N at run time
     dynamic_n: bool = False
 
-    @property
-    def x_bytes(self) -> int:
-        return self.batch * self.n * self.d * _elem(self.dtype)
+    def x_bytes(self, rows: int) -> int:
+        """Bytes of ``rows`` of the N rows of X (per batch entry, times the batch); 0 where a
+        size is unknown."""
+        return self.batch * rows * self.d * self.dtype.itemsize if rows > 0 and self.d > 0 else 0
 
     def weight_grad_flops(self, rows: int) -> int:
         """FLOPs of the matmul ``G^T X`` over ``rows`` of the N rows: ``2 rows D_in D_out`` per
         batch entry (traced sizes); 0 where a size is unknown."""
         d_out = traced_size(self.g_shape[-1]) if self.g_shape else 0
         return 2 * self.batch * rows * self.d * d_out if rows > 0 and self.d > 0 and d_out > 0 else 0
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

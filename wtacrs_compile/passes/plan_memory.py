@@ -41,6 +41,7 @@ from ..graph_utils import SavedSet, copy_graph, partition_saved, strip_views
 from .match_matmuls import MatmulSite
 
 MEMORY, COMPUTE, EXACT = "memory", "compute", "exact"
+LIVE_ROWS = "live_rows"  # exact over the rows of G that can be non-zero (live_rows.py)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def backward_draw_gain(site: MatmulSite, ratio: float) -> float:
     MiniLM's linears at ratio 0.3: 207 (384 x 384) and 331 (384 x 1536); a rank-8 LoRA
     adapter on them: 8.
     """
-    per_row = site.weight_grad_flops(1) / site.batch  # 2 D_in D_out
-    return per_row * (1.0 - ratio) / ((1.0 + ratio) * (site.d + site.g_shape[-1])) if per_row else 0.0
+    per_row = site.weight_grad_flops(1) / site.batch  # 2 D_in D_out (0 where a size is unknown)
+    d_out = per_row / (2 * site.d) if per_row else 0  # G's columns at their traced size
+    return per_row * (1.0 - ratio) / ((1.0 + ratio) * (site.d + d_out)) if per_row else 0.0
 
 
 def site_class(site: MatmulSite) -> str:
