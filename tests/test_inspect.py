@@ -36,6 +36,7 @@ from wtacrs_compile import cli, examples
 # By module path: the package's `backend` and `inspect` attributes are functions that shadow
 # the submodules of the same name.
 backend_module = importlib.import_module("wtacrs_compile.backend")
+compiled_graphs_module = importlib.import_module("wtacrs_compile.compiled_graphs")
 inspection_module = importlib.import_module("wtacrs_compile.inspection")
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -52,15 +53,21 @@ OP_FIELDS = {
 
 def capture_compiled_graphs(mp: pytest.MonkeyPatch, sink: list) -> None:
     """Record every (compile, graph_id, forward|backward, GraphModule) handed to Inductor's inner compile
-    by the baseline (inspection.py) and by the wtacrs backend (backend.py)."""
+    by the baseline (inspection.py) and by the wtacrs backend (backend.py): each one's
+    compile_fx call gets an inner compile that notes the graph, then runs the recorder's."""
     for module, tag in ((inspection_module, "baseline"), (backend_module, "wtacrs")):
-        real = module.compile_fx_inner
 
-        def hooked(gm, inputs, _real=real, _tag=tag, **kw):
-            sink.append((_tag, kw.get("graph_id"), "backward" if kw.get("is_backward") else "forward", gm))
-            return _real(gm, inputs, **kw)
+        def hooked(gm, inputs, record, on_graph=None, _tag=tag, **kw):
+            inner = record.inner_compile(on_graph)
 
-        mp.setattr(module, "compile_fx_inner", hooked)
+            def spy(graph_module, example_inputs, **ikw):
+                kind = "backward" if ikw.get("is_backward") else "forward"
+                sink.append((_tag, ikw.get("graph_id"), kind, graph_module))
+                return inner(graph_module, example_inputs, **ikw)
+
+            return compiled_graphs_module.compile_fx(gm, inputs, inner_compile=spy, **kw)
+
+        mp.setattr(module, "recording_compile_fx", hooked)
 
 
 def _aliases_its_input(node) -> bool:

@@ -12,13 +12,14 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from .compiled_graphs import BACKWARD, INFERENCE, CompiledGraphs, recording_compile_fx
 from .config import WTACRSConfig
 from .feedback import GradNormCache
-from .graph_utils import PartitionerSettings, graph_flops, saved_set
+from .graph_utils import PartitionerSettings
 from .passes.joint_pass import WTACRSJointPass
 from .plan_cache import PlanCache
 from .report import CompileReport, _log
-from .torch_internals import compile_fx, compile_fx_inner, is_static_input
+from .torch_internals import is_static_input
 
 
 class WTACRSBackend:
@@ -77,36 +78,23 @@ class WTACRSBackend:
             plans=self.plans,
         )
 
-        forward_graphs: List[torch.fx.GraphModule] = []
+        compiled = CompiledGraphs(seconds=report.compile_seconds)
 
-        def inner_compile(graph_module: torch.fx.GraphModule, inputs, **kw):
-            stage = "inductor_backward" if kw.get("is_backward") else "inductor_forward"
-            start = time.perf_counter()
-            try:
-                return _inner_compile(graph_module, inputs, **kw)
-            finally:
-                report.compile_seconds[stage] = report.compile_seconds.get(stage, 0.0) + time.perf_counter() - start
-
-        def _inner_compile(graph_module: torch.fx.GraphModule, inputs, **kw):
-            if kw.get("is_backward"):
-                report.backward_graph = str(graph_module.graph)
-                report.graph_modules["backward"] = graph_module
-                report.flops.setdefault("compiled", {})["backward"] = graph_flops(graph_module)
-                if forward_graphs:
-                    saved = saved_set(forward_graphs[-1], graph_module)
-                    report.compiled_saved_bytes = saved.activation_bytes
-                    if report.wtacrs_saved_bytes is None and report.baseline_saved_bytes is not None:
-                        # The pass planned backward draws only and left the partition to this
-                        # compile instead of a trial partition: its figures are the compiled ones.
-                        report.wtacrs_saved_bytes = saved.activation_bytes
-                        report.saved_tensors = dict(saved.activations)
-                        report.flops["wtacrs"] = dict(report.flops["compiled"])
-            elif not kw.get("is_inference"):
-                report.forward_graph = str(graph_module.graph)
-                report.graph_modules["forward"] = graph_module
-                report.flops.setdefault("compiled", {})["forward"] = graph_flops(graph_module)
-                forward_graphs.append(graph_module)
-            return compile_fx_inner(graph_module, inputs, **kw)
+        def on_graph(kind: str, graphs: CompiledGraphs) -> None:
+            if kind == INFERENCE:
+                return
+            module = graphs.modules[kind]
+            setattr(report, f"{kind}_graph", str(module.graph))
+            report.graph_modules[kind] = module
+            report.flops.setdefault("compiled", {})[kind] = graphs.flops[kind]
+            if kind == BACKWARD and graphs.saved is not None:
+                report.compiled_saved_bytes = graphs.saved.activation_bytes
+                if report.wtacrs_saved_bytes is None and report.baseline_saved_bytes is not None:
+                    # The pass planned backward draws only and left the partition to this
+                    # compile instead of a trial partition: its figures are the compiled ones.
+                    report.wtacrs_saved_bytes = graphs.saved.activation_bytes
+                    report.saved_tensors = dict(graphs.saved.activations)
+                    report.flops["wtacrs"] = dict(report.flops["compiled"])
 
         # The AOTAutograd cache would skip the joint pass on a hit and leave no report (the
         # settings turn it off); the FX graph cache (forward and backward code) stays on and is
@@ -114,11 +102,8 @@ class WTACRSBackend:
         start = time.perf_counter()
         try:
             with partitioner.active():
-                return compile_fx(
-                    gm,
-                    example_inputs,
-                    inner_compile=inner_compile,
-                    config_patches={"joint_custom_post_pass": joint_pass},
+                return recording_compile_fx(
+                    gm, example_inputs, compiled, on_graph, config_patches={"joint_custom_post_pass": joint_pass}
                 )
         finally:
             # The backward may compile later (lazily, on the first backward call): its

@@ -33,9 +33,10 @@ import torch.fx as fx
 from . import rng
 from .backend import WTACRSBackend
 from .config import WTACRSConfig
-from .graph_utils import graph_flops, innermost_module, saved_set, tangent_dependent, tensor_nbytes
+from .compiled_graphs import BACKWARD, FORWARD, CompiledGraphs, recording_compile_fx
+from .graph_utils import innermost_module, saved_set, tangent_dependent, tensor_nbytes
 from .report import CompileReport
-from .torch_internals import compile_fx, compile_fx_inner, fresh_compiles, original_module, reset_dynamo, tree_leaves
+from .torch_internals import fresh_compiles, original_module, reset_dynamo, tree_leaves
 
 GRAPH_KINDS = ("forward", "backward", "joint")
 _NUM_USERS = re.compile(r"(?: :)? \[num_users=\d+\]")
@@ -381,26 +382,23 @@ def recording_inductor(sink: List[BaselineGraph]):
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         record = BaselineGraph()
         sink.append(record)
-        forward: List[fx.GraphModule] = []
 
-        def inner_compile(graph_module: fx.GraphModule, inputs: Any, **kw: Any):
-            if kw.get("is_backward"):
-                record.backward = str(graph_module.graph)
-                record.modules["backward"] = graph_module
-                record.flops["backward"] = graph_flops(graph_module)
-                if forward:
-                    saved = saved_set(forward[-1], graph_module)
-                    record.saved_bytes = saved.activation_bytes
-                    record.saved = _describe(graph_module, saved.activations)
-            else:
-                record.forward = str(graph_module.graph)
-                record.modules["forward"] = graph_module
-                if not kw.get("is_inference"):
-                    record.flops["forward"] = graph_flops(graph_module)
-                    forward.append(graph_module)
-            return compile_fx_inner(graph_module, inputs, **kw)
+        def on_graph(kind: str, graphs: CompiledGraphs) -> None:
+            module = graphs.modules[kind]
+            if kind == BACKWARD:
+                record.backward = str(module.graph)
+                record.modules["backward"] = module
+                record.flops["backward"] = graphs.flops[BACKWARD]
+                if graphs.saved is not None:
+                    record.saved_bytes = graphs.saved.activation_bytes
+                    record.saved = _describe(module, graphs.saved.activations)
+            else:  # forward, or inference (no backward will follow)
+                record.forward = str(module.graph)
+                record.modules["forward"] = module
+                if kind == FORWARD:
+                    record.flops["forward"] = graphs.flops[FORWARD]
 
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        return recording_compile_fx(gm, example_inputs, CompiledGraphs(), on_graph)
 
     return backend
 

@@ -5,7 +5,7 @@ compiler only through the names below, and ``tests/test_torch_internals.py`` che
 resolves and behaves as used, on whichever torch runs the tests (2.14.1 pinned; the GPU
 machines' 2.11).
 
-- Inductor: ``compile_fx`` / ``compile_fx_inner`` (the backend and the inspector wrap the inner
+- Inductor: ``compile_fx`` / ``compile_fx_inner`` (``compiled_graphs.py`` wraps the inner
   compile to read the forward and backward graphs), ``CustomGraphPass`` (the joint pass's base,
   with ``uuid()`` for the FX graph cache), ``stable_topological_sort``, the decomposition table
   replacement subgraphs are traced with, and its config (``fx_graph_cache``).
