@@ -43,7 +43,7 @@ import torch.fx as fx
 from ..graph_utils import aten, fake_mode_of, replace_with_estimate, trace, val
 from ..torch_internals import real_tensors
 from .match_matmuls import MatmulSite
-from .sample_matmul import _apply, _as_rows, _x_and_g
+from .row_ops import as_rows, mm_operands, product
 
 Mask = Optional[torch.Tensor]  # None: may be non-zero everywhere
 
@@ -216,12 +216,12 @@ def find_live_rows(graph: fx.Graph, sites: List[MatmulSite]) -> Dict[str, object
     nodes = {n.name: n for n in graph.nodes}
     candidates = [s for s in sites if s.kind in ("linear", "lora") and s.batch == 1 and not s.dynamic_n
                   and not s.skip_reason]
-    grads = {s.node: _x_and_g(nodes[s.node], s, graph) for s in candidates}
-    masks = nonzero_masks(graph, [xg[1] for xg in grads.values()])
+    grads = {s.node: mm_operands(nodes[s.node], s) for s in candidates}
+    masks = nonzero_masks(graph, [xg[2] for xg in grads.values()])
     found: Dict[str, object] = {}
     with real_tensors():
         for site in candidates:
-            _, g, _, g_t = grads[site.node]
+            _, _, g, g_t = grads[site.node]
             rows = _site_rows(site, g, g_t, masks)
             if rows is not None:
                 found[site.node] = rows
@@ -233,7 +233,7 @@ def _site_rows(site: MatmulSite, g: fx.Node, g_t: bool, masks: Dict[fx.Node, tor
     mask = masks.get(g)
     if mask is None:
         return None
-    rows = _as_rows(mask, g_t).any(dim=-1)
+    rows = as_rows(mask, g_t).any(dim=-1)
     if rows.numel() != site.n:
         return None
     live = _strided(rows)
@@ -246,12 +246,12 @@ def rewrite_with_live_rows(
     graph: fx.Graph, node: fx.Node, site: MatmulSite, live: LiveRows, cache: Optional[dict] = None
 ) -> None:
     """``mm(G^T, X)`` -> ``mm(G[rows]^T, clone(X[rows]))``: exact."""
-    x, g, x_t, g_t = _x_and_g(node, site, graph)
+    x, x_t, g, g_t = mm_operands(node, site)
     rows = live.as_slice()
 
     def exact(x_in, g_in):
-        xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
-        return _apply(gr[rows], xr[rows].clone(), site.x_side)
+        xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
+        return product(gr[rows], xr[rows].clone(), site.x_side)
 
     key = ("live_rows", x_t, g_t, site.x_side, live.start, live.step, live.count)
     sub = trace(exact, [val(x), val(g)], fake_mode_of(graph), cache, key)

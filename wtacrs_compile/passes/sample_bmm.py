@@ -32,16 +32,15 @@ Rows of ``X`` are kept unscaled; the importance weights scale the rows of ``G`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
-from .match_bmm import operand_rows
 from .match_matmuls import MatmulSite
+from .row_ops import as_rows, bmm_operands, product, take_rows, weighted_rows
 
 
 @dataclass
@@ -53,36 +52,6 @@ class BmmForwardSample:
     rows: fx.Node  # (b, k, d): the sampled rows of X, unscaled
 
 
-def _operands(node: fx.Node, site: MatmulSite) -> Tuple[fx.Node, bool, fx.Node, bool]:
-    """``(x, x_t, g, g_t)``: the nodes the rows of X and G are read from, and whether each
-    must be transposed to give rows along the contracted dim."""
-    a, b = node.args[0], node.args[1]
-    x_first = site.x_side == "a"
-    x, x_t = operand_rows(a if x_first else b, first=x_first)
-    g, g_t = operand_rows(b if x_first else a, first=not x_first)
-    return x, x_t, g, g_t
-
-
-def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return t.transpose(1, 2) if transposed else t
-
-
-def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[b, idx[b, j], :]`` as a ``(b, k, d)`` tensor: one gather, static shapes."""
-    return torch.gather(t, 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
-def _weighted(g_rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (gather_rows(g_rows, idx).float() * w.unsqueeze(-1)).to(g_rows.dtype)
-
-
-def _product(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
-    """The site's bmm on k sampled rows: ``bmm(X^T, G)`` or ``bmm(G^T, X)``."""
-    if x_side == "a":
-        return torch.bmm(xs.transpose(1, 2), gs)
-    return torch.bmm(gs.transpose(1, 2), xs)
-
-
 def draw_bmm_forward_sample(
     graph: fx.Graph,
     node: fx.Node,
@@ -91,12 +60,12 @@ def draw_bmm_forward_sample(
     cache: Optional[dict] = None,
 ) -> BmmForwardSample:
     """Insert the forward draw of ``site``'s X rows, ``p_i ∝ ||x_i||`` per batch entry."""
-    x, x_t, _, _ = _operands(node, site)
+    x, x_t, _, _ = bmm_operands(node, site)
 
     def sample(x_in):
-        rows = _rows(x_in, x_t)
+        rows = as_rows(x_in, x_t)
         idx, w = draw.sample(row_norms(rows), noise=replayable_uniform)
-        return idx, w, gather_rows(rows, idx)
+        return idx, w, take_rows(rows, idx)
 
     sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("bmm_fwd_sample", x_t, draw))
     idx, w, rows = insert_forward_draw(graph, sub, x)
@@ -107,10 +76,10 @@ def rewrite_bmm_with_forward_sample(
     graph: fx.Graph, node: fx.Node, site: MatmulSite, sample: BmmForwardSample, cache: Optional[dict] = None
 ) -> None:
     """The site's bmm on the saved rows of X and the matching, weighted rows of G."""
-    _, _, g, g_t = _operands(node, site)
+    _, _, g, g_t = bmm_operands(node, site)
 
     def estimate(g_in, idx, w, xs):
-        return _product(_weighted(_rows(g_in, g_t), idx, w), xs, site.x_side)
+        return product(weighted_rows(as_rows(g_in, g_t), idx, w), xs, site.x_side)
 
     args = [g, sample.idx, sample.weight, sample.rows]
     sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("bmm_fwd_estimate", g_t, site.x_side))
@@ -125,12 +94,12 @@ def rewrite_bmm_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """The estimator drawn in backward per batch entry with ``p_i ∝ ||x_i|| ||g_i||``."""
-    x, x_t, g, g_t = _operands(node, site)
+    x, x_t, g, g_t = bmm_operands(node, site)
 
     def estimate(x_in, g_in):
-        xr, gr = _rows(x_in, x_t), _rows(g_in, g_t)
+        xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
         idx, w = draw.sample(row_norms(xr) * row_norms(gr))
-        return _product(_weighted(gr, idx, w), gather_rows(xr, idx), site.x_side)
+        return product(weighted_rows(gr, idx, w), take_rows(xr, idx), site.x_side)
 
     key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, draw)
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)

@@ -30,32 +30,17 @@ float32), so a low-precision activation is stored bit-exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
-from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, transposed_source, val
+from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
+from .row_ops import as_rows, mm_operands, product, take_rows, weighted_rows
 
-
-
-def _x_and_g(node: fx.Node, site: MatmulSite, graph: fx.Graph) -> Tuple[fx.Node, fx.Node, bool, bool]:
-    """The N-row matrices X and G of a matched mm, and whether each is given transposed."""
-    a, b = node.args[0], node.args[1]
-    if site.x_side == "b":
-        x, g_t = b, a
-        g = transposed_source(g_t)
-        return x, (g if g is not None else g_t), False, g is None
-    x_t, g = a, b
-    x = transposed_source(x_t)
-    return (x if x is not None else x_t), g, x is None, False
-
-
-def _as_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return t.t() if transposed else t
 
 
 @dataclass
@@ -65,10 +50,6 @@ class ForwardSample:
     idx: fx.Node
     weight: fx.Node
     rows: fx.Node
-
-
-def _apply(gs: torch.Tensor, xs: torch.Tensor, x_side: str) -> torch.Tensor:
-    return xs.t() @ gs if x_side == "a" else gs.t() @ xs
 
 
 def draw_forward_sample(
@@ -83,10 +64,10 @@ def draw_forward_sample(
 
     ``feedback``: a :mod:`~wtacrs_compile.feedback` cache key; scores become
     ``||x_i|| * cached ||g_i||``."""
-    x, _, x_t, _ = _x_and_g(node, site, graph)
+    x, x_t, _, _ = mm_operands(node, site)
 
     def sample(x_in):
-        rows = _as_rows(x_in, x_t)
+        rows = as_rows(x_in, x_t)
         scores = row_norms(rows)
         if feedback is not None:
             scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
@@ -109,14 +90,14 @@ def rewrite_with_forward_sample(
     """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample.
 
     ``feedback``: also store this step's ``||g_i||`` in the feedback cache."""
-    _, g, _, g_t = _x_and_g(node, site, graph)
+    _, _, g, g_t = mm_operands(node, site)
 
     def estimate(g_in, idx, w, xs):
-        rows = _as_rows(g_in, g_t)
+        rows = as_rows(g_in, g_t)
         scaled = rows[idx].float() * w.unsqueeze(-1)
         if feedback is not None:  # adds a zero the compiler cannot fold: keeps the write alive
             scaled = scaled + torch.ops.wtacrs.gnorm_write(row_norms(rows), feedback)
-        return _apply(scaled.to(rows.dtype), xs, site.x_side)
+        return product(scaled.to(rows.dtype), xs, site.x_side)
 
     args = [g, sample.idx, sample.weight, sample.rows]
     sub = trace(
@@ -133,13 +114,12 @@ def rewrite_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``."""
-    x, g, x_t, g_t = _x_and_g(node, site, graph)
+    x, x_t, g, g_t = mm_operands(node, site)
 
     def estimate(x_in, g_in):
-        xr, gr = _as_rows(x_in, x_t), _as_rows(g_in, g_t)
+        xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
         idx, w = draw.sample(row_norms(xr) * row_norms(gr))
-        gs = (gr[idx].float() * w.unsqueeze(-1)).to(gr.dtype)
-        return _apply(gs, xr[idx], site.x_side)
+        return product(weighted_rows(gr, idx, w), take_rows(xr, idx), site.x_side)
 
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, draw))
     replace_with_estimate(graph, node, sub, [x, g])
