@@ -51,6 +51,10 @@ CONFIGS = {
     "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
+    # forward draws where they save bytes, no budget: the first release's default (8.9 points
+    # lost with bmm, 1.1 without); under the default budget the exact recompute leaves memory
+    # mode nothing to draw (every op exact)
+    "wtacrs r=0.3 memory no budget": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "memory_budget": None},
     "wtacrs r=0.1": {"kind": "wtacrs", "ratio": 0.1, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
     "wtacrs r=0.1 all": {"kind": "wtacrs", "ratio": 0.1, "mode": "all"},

@@ -3,7 +3,6 @@ recording backends that read saved-activation bytes off the backward graph Induc
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
@@ -223,8 +222,11 @@ class Recorder:
 
     def __call__(self, gm, example_inputs, **kwargs):
         budget = self.cfg.get("budget")
-        patch = (torch._functorch.config.patch(activation_memory_budget=budget)
-                 if budget is not None else contextlib.nullcontext())
+        # AOTAutograd's cache would serve plain Inductor's graphs from an earlier run without
+        # calling the inner compile: nothing recorded (the accuracy files' exact rows read
+        # 0 bytes).  The wtacrs backend turns it off itself.
+        patch = torch._functorch.config.patch(
+            enable_autograd_cache=False, **({"activation_memory_budget": budget} if budget is not None else {}))
         with patch:
             if self.wtacrs is not None:
                 return self.wtacrs(gm, example_inputs, **kwargs)

@@ -44,7 +44,7 @@ from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
-from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_backward_sample, rewrite_bmm_with_forward_sample
+from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_forward_sample
 from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
@@ -404,8 +404,7 @@ class WTACRSJointPass(CustomGraphPass):
                 else:
                     rewrite_with_forward_sample(graph, node, site, draws[key][0], cache, fb)
             else:
-                rewrite = rewrite_bmm_with_backward_sample if bmm else rewrite_with_backward_sample
-                rewrite(graph, node, site, draw, cache)
+                rewrite_with_backward_sample(graph, node, site, draw, cache)
         graph.eliminate_dead_code()
         return applied
 

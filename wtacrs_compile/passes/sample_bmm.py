@@ -24,7 +24,8 @@ saved set is the partitioner's call; the planner measures it.  For the softmax o
 (``X`` of ``dV = bmm(P^T, dC)``) it usually does not: softmax's backward needs ``P`` itself.
 
 Backward sampling (``compute``) draws in backward with ``p ∝ ||x_i|| ||g_i||``: nothing is
-saved, the bmm's FLOPs drop to ``k/n``.
+saved, the bmm's FLOPs drop to ``k/n`` (``sample_matmul.rewrite_with_backward_sample``, the
+same rewrite for both ranks).
 
 Rows of ``X`` are kept unscaled; the importance weights scale the rows of ``G`` in float32.
 """
@@ -84,23 +85,3 @@ def rewrite_bmm_with_forward_sample(
     args = [g, sample.idx, sample.weight, sample.rows]
     sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("bmm_fwd_estimate", g_t, site.x_side))
     replace_with_estimate(graph, node, sub, args)
-
-
-def rewrite_bmm_with_backward_sample(
-    graph: fx.Graph,
-    node: fx.Node,
-    site: MatmulSite,
-    draw: DrawSpec,
-    cache: Optional[dict] = None,
-) -> None:
-    """The estimator drawn in backward per batch entry with ``p_i ∝ ||x_i|| ||g_i||``."""
-    x, x_t, g, g_t = bmm_operands(node, site)
-
-    def estimate(x_in, g_in):
-        xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
-        idx, w = draw.sample(row_norms(xr) * row_norms(gr))
-        return product(weighted_rows(gr, idx, w), take_rows(xr, idx), site.x_side)
-
-    key = ("bmm_bwd_estimate", x_t, g_t, site.x_side, draw)
-    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
-    replace_with_estimate(graph, node, sub, [x, g])

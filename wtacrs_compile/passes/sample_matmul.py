@@ -39,7 +39,7 @@ from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
-from .row_ops import as_rows, mm_operands, product, take_rows, weighted_rows
+from .row_ops import as_rows, bmm_operands, mm_operands, product, take_rows, weighted_rows
 
 
 
@@ -113,13 +113,14 @@ def rewrite_with_backward_sample(
     draw: DrawSpec,
     cache: Optional[dict] = None,
 ) -> None:
-    """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``."""
-    x, x_t, g, g_t = mm_operands(node, site)
+    """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``; a
+    ``bmm`` site draws per batch entry."""
+    x, x_t, g, g_t = (bmm_operands if site.kind == "bmm" else mm_operands)(node, site)
 
     def estimate(x_in, g_in):
         xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
         idx, w = draw.sample(row_norms(xr) * row_norms(gr))
         return product(weighted_rows(gr, idx, w), take_rows(xr, idx), site.x_side)
 
-    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", x_t, g_t, site.x_side, draw))
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw))
     replace_with_estimate(graph, node, sub, [x, g])
