@@ -331,7 +331,6 @@ class SavedSet:
     """What the partitioner saves for backward, split into activations and the rest."""
 
     activations: Dict[str, int]  # forward node name -> bytes, excluding inputs and their views
-    aliases_of_inputs: Dict[str, int]  # saved tensors that alias graph inputs (cost nothing extra)
     fw: fx.GraphModule
     bw: fx.GraphModule
 
@@ -375,18 +374,14 @@ def saved_set(fw: fx.GraphModule, bw: fx.GraphModule) -> SavedSet:
     """Classify the backward graph's inputs: saved activations vs inputs, views of inputs, tangents."""
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     activations: Dict[str, int] = {}
-    aliases: Dict[str, int] = {}
     for node in bw.graph.nodes:
         if node.op != "placeholder" or node.target.startswith("tangents"):
             continue
-        nbytes = tensor_nbytes(node.meta.get("val"))
         src = fw_nodes.get(node.name)
         root = strip_views(src) if src is not None else None
-        if node.name.startswith("primals") or (root is not None and root.op == "placeholder"):
-            aliases[node.name] = nbytes
-        else:
-            activations[node.name] = nbytes
-    return SavedSet(activations, aliases, fw, bw)
+        if not (node.name.startswith("primals") or (root is not None and root.op == "placeholder")):
+            activations[node.name] = tensor_nbytes(node.meta.get("val"))  # inputs' views cost nothing
+    return SavedSet(activations, fw, bw)
 
 
 # --------------------------------------------------------------------------------------
