@@ -14,7 +14,6 @@ from functorch.compile import aot_function, default_partition, nop
 
 import wtacrs_compile
 from wtacrs_compile.passes.joint_pass import WTACRSJointPass
-from wtacrs_compile.report import CompileReport
 from wtacrs_compile.torch_internals import decompositions
 
 
@@ -28,11 +27,10 @@ class Joint:
         return copy.deepcopy(self.gm).graph
 
     def joint_pass(self, **options) -> WTACRSJointPass:
-        config = wtacrs_compile.WTACRSConfig.from_options(options)
-        from wtacrs_compile.graph_utils import PartitionerSettings
-
-        return WTACRSJointPass(config, self.params, self.static, CompileReport(config=config.to_dict()),
-                               partitioner=PartitionerSettings(config.memory_budget))
+        """The pass as the backend builds it for this graph (tests/test_stages.py runs its stages)."""
+        jp = WTACRSJointPass.for_compile(wtacrs_compile.WTACRSConfig.from_options(options), self.static)
+        assert jp.params == self.params
+        return jp
 
 
 @contextlib.contextmanager

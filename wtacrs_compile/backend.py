@@ -15,7 +15,6 @@ import torch
 from .compiled_graphs import BACKWARD, INFERENCE, CompiledGraphs, recording_compile_fx
 from .config import WTACRSConfig
 from .feedback import GradNormCache
-from .graph_utils import PartitionerSettings
 from .passes.joint_pass import WTACRSJointPass
 from .plan_cache import PlanCache
 from .report import CompileReport, _log
@@ -68,15 +67,13 @@ class WTACRSBackend:
         # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Dynamo
         # inlines nn.Modules and lifts their parameters and buffers to inputs, marked static.
         static = tuple(i for i, t in enumerate(example_inputs) if is_static_input(t))
-        params = frozenset(f"primals_{i + 1}" for i in static)
-        feedback = self.feedback if config.grad_norm_feedback else None
+        joint_pass = WTACRSJointPass.for_compile(
+            config, static, report, feedback=self.feedback if config.grad_norm_feedback else None,
+            graph_tag=len(self.reports) - 1, plans=self.plans,
+        )
         # The partitioner's settings (memory budget) hold for the whole compile: the planner's
         # trial partitions and AOTAutograd's real one run under the same ones.
-        partitioner = PartitionerSettings(config.memory_budget)
-        joint_pass = WTACRSJointPass(
-            config, params, static, report, feedback, graph_tag=len(self.reports) - 1, partitioner=partitioner,
-            plans=self.plans,
-        )
+        partitioner = joint_pass.partitioner
 
         compiled = CompiledGraphs(seconds=report.compile_seconds)
 

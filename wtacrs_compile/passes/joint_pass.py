@@ -121,6 +121,18 @@ class WTACRSJointPass(CustomGraphPass):
         self.report = report
         self.plans = plans  # measurements of earlier compiles of the same joint graph
 
+    @classmethod
+    def for_compile(
+        cls, config: WTACRSConfig, static_input_indices: Tuple[int, ...], report: Optional[CompileReport] = None, **kw
+    ) -> "WTACRSJointPass":
+        """The pass for one compile of a Dynamo graph: its parameters are the static inputs
+        (AOTAutograd names input i ``primals_{i+1}``), its partitions run under the config's
+        memory budget; ``kw``: feedback, graph_tag, plans."""
+        static = tuple(static_input_indices)
+        params = frozenset(f"primals_{i + 1}" for i in static)
+        report = report if report is not None else CompileReport(config=config.to_dict())
+        return cls(config, params, static, report, partitioner=PartitionerSettings(config.memory_budget), **kw)
+
     def uuid(self) -> str:
         h = hashlib.sha256()
         h.update(source_hash().encode())
