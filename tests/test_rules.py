@@ -39,7 +39,7 @@ def _fresh_rule_warnings():
 def plan_only(monkeypatch):
     """Run the compiled graphs eagerly instead of generating Inductor code."""
     monkeypatch.setattr(
-        sys.modules["wtacrs_compile.backend"], "compile_fx_inner", lambda gm, inputs, **kw: make_boxed_func(gm.forward)
+        sys.modules["wtacrs_compile.compiled_graphs"], "compile_fx_inner", lambda gm, inputs, **kw: make_boxed_func(gm.forward)
     )
 
 
