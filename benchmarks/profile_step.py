@@ -8,8 +8,9 @@ Inductor's per-kernel records: ``torch._inductor.config.cpp.enable_kernel_profil
 round.  Self time is grouped by kind:
 
 - ``matmul``: ``aten::mm`` / ``addmm`` / ``bmm`` (the extern kernels Inductor calls);
-- ``draw``: the estimator's ops Inductor does not generate code for (``aten::topk``,
-  ``searchsorted``, ``cumsum``, ``sort``, ``uniform_``/``rand_like``);
+- ``draw``: the draws Inductor does not generate code for: ``wtacrs::draw`` (top-k to
+  indices and weights, with every ATen call inside it) and the noise (``wtacrs::uniform``,
+  ``rand_like``);
 - ``rng kernels``: generated kernels that draw dropout masks (``native_dropout`` in the name,
   not its backward): Inductor's per-element random numbers;
 - ``other kernels``: every other generated kernel;
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-DRAW_OPS = ("aten::topk", "aten::searchsorted", "aten::cumsum", "aten::sort", "aten::uniform_", "aten::rand_like")
+DRAW_OPS = ("wtacrs::draw", "wtacrs::uniform", "aten::rand_like")
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 KINDS = ("matmul", "draw", "rng kernels", "other kernels", "other aten")
 
@@ -80,11 +81,23 @@ def profile_steps(step, steps: int) -> collections.Counter:
         for _ in range(steps):
             step()
     per_key: collections.Counter = collections.Counter()
-    for event in prof.key_averages():
-        key = event.key
-        if key.startswith("graph_") or key.startswith("aten::"):
-            per_key[key] += event.self_cpu_time_total / steps / 1e3  # ms per step
+    for event in prof.events():
+        key = event.name
+        if key in DRAW_OPS:  # a draw op with everything it calls
+            if not _inside_draw(event):
+                per_key[key] += event.cpu_time_total / steps / 1e3  # ms per step
+        elif key.startswith(("graph_", "aten::")) and not _inside_draw(event):
+            per_key[key] += event.self_cpu_time_total / steps / 1e3
     return per_key
+
+
+def _inside_draw(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in DRAW_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main() -> None:

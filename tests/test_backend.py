@@ -148,7 +148,8 @@ def test_backward_uses_the_rows_drawn_in_forward(budget):
             coef = (est[nonzero] * hidden[nonzero]).sum(1) / (hidden[nonzero] ** 2).sum(1).clamp_min(1e-12)
             torch.testing.assert_close(est[nonzero], coef[:, None] * hidden[nonzero], rtol=1e-4, atol=1e-5)
     report = b.reports[0]
-    # The forward draw's noise is replayed from saved RNG state, never drawn afresh in backward.
+    # The partitioner may recompute the draw (wtacrs::draw) in backward; its noise is then
+    # replayed from saved RNG state, never drawn afresh.
     rng_lines = [line for line in report.backward_graph.splitlines() if "rand" in line]
     # (the noise op: rand_like, or randint on torch 2.11; see torch_internals.uniform_noise)
     assert all("run_with_rng_state" in line for line in rng_lines if "aten.rand" in line), rng_lines

@@ -204,3 +204,15 @@ def test_draw_spec_is_wtacrs_sample_with_its_k():
         assert idx.shape == (3, 10) and torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
     assert DrawSpec(10) == DrawSpec(10) and hash(DrawSpec(10)) == hash(DrawSpec(10))
     assert DrawSpec(10) != DrawSpec(10, sampling="iid")
+
+
+@pytest.mark.parametrize("adaptive, fraction, systematic", [(True, -1.0, True), (True, -1.0, False), (False, 0.5, True)])
+def test_draw_op_passes_torch_custom_op_checks(adaptive, fraction, systematic):
+    """``wtacrs::draw`` (top-k to indices and weights, one graph op): schema, fake (meta)
+    implementation against the real one, and tracing through AOTAutograd with dynamic shapes,
+    as ``torch.library.opcheck`` tests them."""
+    g = torch.Generator().manual_seed(0)
+    p = probabilities(torch.rand(3, 50, generator=g))
+    u = torch.rand(3, 1 if systematic else 10, generator=g)
+    results = torch.library.opcheck(torch.ops.wtacrs.draw.default, (p, u, 10, adaptive, fraction, systematic))
+    assert set(results.values()) == {"SUCCESS"}, results

@@ -72,7 +72,7 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
     assert outcome.applied.rows == {} and outcome.drawn_in_backward == set()
     names = {n.name for n in graph.nodes}
     assert not any(s.node in names for s in sites), "the exact weight-gradient matmuls are gone"
-    assert count(graph, aten.topk.default) == 2  # one draw per site
+    assert count(graph, torch.ops.wtacrs.draw.default) == 2  # one draw per site
     assert count(graph, aten.mm.default) == 3  # two estimates and the input gradient
 
 
@@ -102,11 +102,11 @@ def test_backward_draws_that_cannot_pay_stay_exact():
     for d in outcome.decisions.values():
         assert d.decision == "exact" and "saves 4 weight-gradient FLOPs per element" in d.reason
         assert "min_draw_gain 32" in d.reason
-    assert count(graph, aten.topk.default) == 0
+    assert count(graph, torch.ops.wtacrs.draw.default) == 0
 
     graph, jp, sites, resolved, outcome = planned(narrow, memory_budget=None, min_draw_gain=0)
     assert {d.decision for d in outcome.decisions.values()} == {"compute"}
-    assert count(graph, aten.topk.default) == 2
+    assert count(graph, torch.ops.wtacrs.draw.default) == 2
 
 
 def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):

@@ -21,9 +21,13 @@ The estimate ``sum_j w_j a_{:,idx_j} b_{idx_j,:}`` is unbiased for any ``p`` tha
 wherever a row contributes.  Every shape is static: always ``k`` indices, winners and draws are
 told apart by their weight, never by a data-dependent size.
 
-These functions are traced with ``make_fx`` into the joint graph, so they use only ops
-Inductor lowers.  Leading batch dimensions are supported (one draw per batch entry), which is
-how ``bmm`` samples per (batch, head).
+In the joint graph a draw is three parts: the scores and probabilities (traced ops, which
+Inductor fuses into the kernels that produce ``X`` and ``G``), the noise (one op, see
+``rng.py``) and ``wtacrs::draw``, one custom op from probabilities and noise to indices and
+weights (top-k, winner count, CDF, search).  That last part runs as eager ATen calls: traced,
+it made Inductor generate and compile a few hundred lines of C++ per draw site for work on N or
+k numbers, which doubled the backward graph's compile time.  Leading batch dimensions are
+supported (one draw per batch entry), which is how ``bmm`` samples per (batch, head).
 """
 
 from __future__ import annotations
@@ -100,8 +104,33 @@ def wtacrs_sample(
     if isinstance(k, int) and isinstance(n, int) and not 1 <= k <= n:
         raise ValueError(f"wtacrs: k must be in [1, N={n}], got {k}")
     p = probabilities(scores)
+    # The noise is drawn here, outside the draw op, so that its source (the draws' own stream,
+    # or torch's generator for forward draws, which AOTAutograd can replay) stays visible in
+    # the graph.  ``like``: k values per leading index, on p's device.
+    like = p.narrow(-1, 0, k)
+    u = noise(like, sampling == "systematic")
+    adaptive = deterministic == "adaptive"
+    fraction = -1.0 if adaptive else float(deterministic)
+    idx, weight = torch.ops.wtacrs.draw(p, u, k, adaptive, fraction, sampling == "systematic")
+    return idx, weight
+
+
+@torch.library.custom_op("wtacrs::draw", mutates_args=())
+def _draw(
+    p: Tensor, u: Tensor, k: int, adaptive: bool, fraction: float, systematic: bool
+) -> Tuple[Tensor, Tensor]:
+    """One draw as a single graph op: ``(idx, weight)`` from probabilities ``p`` (``(*B, N)``,
+    summing to 1) and uniform noise ``u`` (``(*B, 1)`` systematic, ``(*B, k)`` i.i.d.).
+
+    An op of its own, not traced ops, because a draw is a short chain of small ops on N or k
+    numbers (top-k, two cumulative sums, a scatter, a search, gathers): traced, Inductor
+    generates and compiles C++/Triton code for each draw site, which doubled the backward's
+    compile time and saved nothing at run time.  Its inputs and outputs are plain tensors and
+    it has no side effect, so the partitioner may save its outputs (k indices and weights).
+    """
+    n = p.shape[-1]
     top_p, top_idx = torch.topk(p, k, dim=-1)
-    c = winner_count(top_p, k, deterministic)
+    c = winner_count(top_p, k, "adaptive" if adaptive else fraction)
     slot = torch.arange(k, device=p.device).expand_as(top_idx)
     is_winner = slot < c
 
@@ -112,15 +141,14 @@ def wtacrs_sample(
     cdf = torch.cumsum(rest, dim=-1)
     # u in (0, 1]: a target > 0 never lands on a zero-mass row at the start of the CDF.
     n_drawn = (k - c).to(p.dtype)
-    if sampling == "iid":
-        u = 1.0 - noise(top_p, False)
-    else:
+    if systematic:
         # Drawn slot j = 0..m-1 (slot index minus c; winner slots' targets are unused) targets
         # (j + U) / m: m evenly spaced points, one random offset per leading index.
-        offset = noise(top_p, True)
         j = (slot - c).clamp_min(0).to(p.dtype)
-        u = 1.0 - (j + offset) / n_drawn
-    drawn = torch.searchsorted(cdf.contiguous(), (u * rest_mass).contiguous()).clamp_max(n - 1)
+        target = 1.0 - (j + u) / n_drawn
+    else:
+        target = 1.0 - u
+    drawn = torch.searchsorted(cdf.contiguous(), (target * rest_mass).contiguous()).clamp_max(n - 1)
     p_drawn = torch.gather(p, -1, drawn)
     w_drawn = torch.where(
         p_drawn > 0, rest_mass / (n_drawn * p_drawn.clamp_min(torch.finfo(torch.float32).tiny)), 0.0
@@ -128,6 +156,12 @@ def wtacrs_sample(
     idx = torch.where(is_winner, top_idx, drawn)
     weight = torch.where(is_winner, torch.ones_like(w_drawn), w_drawn)
     return idx, weight
+
+
+@_draw.register_fake
+def _(p, u, k, adaptive, fraction, systematic):
+    shape = (*p.shape[:-1], k)
+    return p.new_empty(shape, dtype=torch.int64), p.new_empty(shape, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
