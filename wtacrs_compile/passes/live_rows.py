@@ -140,7 +140,7 @@ def _transfer(node: fx.Node, masks: Dict[fx.Node, torch.Tensor]) -> Mask:
         return a if b is None else b if a is None else a & b
     if t is torch.ops.prims.fma.default:  # a * b + c (softmax backward)
         a, b, c = (m(x) if isinstance(x, fx.Node) else None for x in args[:3])
-        if c is None or not isinstance(args[2], fx.Node):
+        if c is None:  # c a constant, or a node that may be non-zero everywhere
             return None
         prod = a if b is None else b if a is None else a & b
         return None if prod is None else torch.broadcast_to(prod | c, shape)
