@@ -48,7 +48,7 @@ def memory_table(res: Dict[str, Any]) -> str:
     lines = [
         f"#### {m['name']}: {m['description']}, batch {m['batch']}{layers}",
         "",
-        f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, {res['time']})",
+        f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, {_commit(mach)}{res['time']})",
         "",
         "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) | backward matmul FLOPs vs Inductor | compile s | max batch, saved acts <= "
         f"{res['settings']['cap_gib']:g} GiB | ops memory/compute/exact |",
@@ -79,6 +79,36 @@ def memory_table(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _commit(machine: Dict[str, Any]) -> str:
+    return f"commit {machine['git_commit']}, " if machine.get("git_commit") else ""
+
+
+def compile_time_table(res: Dict[str, Any]) -> str:
+    mach, rows = res["machine"], res["results"]
+    inductor = {r["style"]: r["compile_s"] for r in rows if r["backend"] == "inductor"}
+    lines = [
+        f"#### Compile time: {rows[0]['model']}",
+        "",
+        f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, "
+        f"{_commit(mach)}{res['time']}); each run in a fresh process with an empty Inductor cache; compile s = "
+        "the first three training steps less three steady ones.",
+        "",
+        "| style | backend | compile s | / Inductor's | first three steps s | wtacrs: pass / Inductor forward / Inductor backward s |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        ratio = r["compile_s"] / inductor[r["style"]] if inductor.get(r["style"]) else None
+        st = r.get("wtacrs_compile_seconds") or {}
+        stages = " / ".join(f"{st[k]:.1f}" for k in ("joint_pass", "inductor_forward", "inductor_backward") if k in st)
+        lines.append(f"| {r['style']} | {r['backend']} | {r['compile_s']:.1f} | {_x(ratio)} | "
+                     f"{', '.join(f'{t:.1f}' for t in r['first_steps_s'])} | {stages} |")
+    return "\n".join(lines)
+
+
+def _x(ratio) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else ""
+
+
 def accuracy_table(res: Dict[str, Any]) -> str:
     t, mach = res["task"], res["machine"]
     if res.get("benchmark") == "accuracy_fmnist":
@@ -93,7 +123,7 @@ def accuracy_table(res: Dict[str, Any]) -> str:
     lines = [
         f"#### {title}",
         "",
-        f"`{res['command']}` ({mach['device']}, torch {mach['torch']}, {res['time']}); {task}"
+        f"`{res['command']}` ({mach['device']}, torch {mach['torch']}, {_commit(mach)}{res['time']}); {task}"
         + (f" Note: {res['note']}" if res.get("note") else ""),
         "",
         "| configuration | test accuracy % (mean +- std over seeds) | seeds | per seed | gap to exact, points (mean +- std of per-seed gaps) |",
@@ -180,9 +210,11 @@ def generate(results: Path = RESULTS) -> str:
     files = {p.stem.split("-", 1)[1]: p for p in results.glob("memory_time-*.json")}
     for name in sorted(files, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else 99, n)):
         parts.append(memory_table(json.loads(files[name].read_text())))
-    for acc in sorted(results.glob("accuracy_minilm*.json"), key=lambda p: (p.stem != "accuracy_minilm", p.name)) + [results / "accuracy_fmnist.json"]:
-        if acc.exists():
-            parts.append(accuracy_table(json.loads(acc.read_text())))
+    for ct in sorted(results.glob("compile_time-*.json")):
+        parts.append(compile_time_table(json.loads(ct.read_text())))
+    accuracy = sorted(results.glob("accuracy_minilm*.json"), key=lambda p: (p.stem != "accuracy_minilm", p.name))
+    for acc in accuracy + sorted(results.glob("accuracy_fmnist*.json")):
+        parts.append(accuracy_table(json.loads(acc.read_text())))
     for err in sorted(results.glob("grad_error-*.json")):
         parts.append(grad_error_table(json.loads(err.read_text())))
     return "\n\n".join(parts) + "\n"

@@ -1,6 +1,8 @@
-"""A recompile of the same joint graph reuses the pass's partitions (plan_cache.py): the same
-decisions and bytes, no partitioner call; anything that changes the graph, the settings or the
-partitioner's budget measures again."""
+"""A recompile of the same graph is served the function compiled before (the backend's
+``compiled`` cache: no trace, pass, partition or Inductor call); below it, a recompile of the
+same joint graph reuses the pass's partitions (plan_cache.py): the same decisions and bytes,
+no partitioner call; anything that changes the graph, the settings or the partitioner's
+budget measures again."""
 
 import pytest
 import torch
@@ -46,6 +48,7 @@ def test_recompile_of_the_same_graph_reuses_the_partitions(partitions, options):
     first = _compile_step(model, backend)
     measured = len(partitions)
     assert measured >= 1 and first.reused == []
+    backend.compiled.clear()  # else the compiled function is served whole (see below)
     second = _compile_step(model, backend)
     assert len(partitions) == measured, "no partition on the recompile"
     assert first.count("memory") + first.count("compute") > 0
@@ -64,11 +67,49 @@ def test_other_settings_or_shapes_measure_again(partitions):
     other_ratio = _compile_step(model, wtacrs_compile.backend(mode="memory", memory_budget=None, ratio=0.5))
     assert other_ratio.reused == [], "another backend object has its own cache"
     backend.plans.clear()
+    backend.compiled.clear()
     _compile_step(model, backend)
     m = len(partitions)
     assert m > n
     other_n = _compile_step(model, backend, n=96)  # other shapes: another graph
     assert other_n.reused == [] and len(partitions) > m
+
+
+def test_recompile_of_the_same_graph_is_served_the_compiled_function(partitions, monkeypatch):
+    """A guard failure that leaves the graph as it was (Hugging Face's first-call
+    ``problem_type``, a ``torch._dynamo.reset()``) compiles nothing again: no joint pass, no
+    partition, no Inductor; the report is the earlier one's, marked; gradients as before."""
+    import wtacrs_compile.compiled_graphs as compiled_graphs
+
+    inner = []
+    real = compiled_graphs.compile_fx_inner
+    monkeypatch.setattr(compiled_graphs, "compile_fx_inner", lambda *a, **k: inner.append(1) or real(*a, **k))
+    model, backend = _mlp(), wtacrs_compile.backend()
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(1))
+
+    def step():
+        torch._dynamo.reset()  # a new compile of the same graph
+        wtacrs_compile.manual_seed(0)  # the same backward draws each time
+        torch.compile(model, backend=backend)(x).sum().backward()
+        grad = model[0].weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        return backend.reports[-1], grad
+
+    first, grad_first = step()
+    calls, compiles = len(partitions), len(inner)
+    assert calls >= 1 and compiles == 2 and first.count("compute") > 0  # forward and backward
+    second, grad_second = step()
+    assert len(partitions) == calls and len(inner) == compiles, "nothing compiled again"
+    assert second.reused == ["compiled"] and second.compile_seconds == {} and first.reused == []
+    assert _summary(second) == _summary(first) and second.compiled_saved_bytes == first.compiled_saved_bytes
+    assert len(backend.reports) == 2
+    torch.testing.assert_close(grad_second, grad_first, rtol=0, atol=0)
+    # other example inputs (shape), other grad mode or other options: compiled again
+    _compile_step(model, backend, n=96)
+    assert len(inner) > compiles
+    other = wtacrs_compile.backend(ratio=0.5)
+    other.compiled = backend.compiled  # even sharing the cache (as backend="wtacrs" does)
+    assert _compile_step(model, other).reused != ["compiled"]
 
 
 def test_relaxed_bans_are_restored_on_a_hit():

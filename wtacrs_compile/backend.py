@@ -16,9 +16,9 @@ from .compiled_graphs import BACKWARD, INFERENCE, CompiledGraphs, recording_comp
 from .config import WTACRSConfig
 from .feedback import GradNormCache
 from .passes.joint_pass import WTACRSJointPass
-from .plan_cache import PlanCache
+from .plan_cache import PlanCache, compile_key
 from .report import CompileReport, _log
-from .torch_internals import is_static_input
+from .torch_internals import inductor_config_fingerprint, is_static_input
 
 
 class WTACRSBackend:
@@ -39,6 +39,9 @@ class WTACRSBackend:
         self.feedback = GradNormCache()  # used when config.grad_norm_feedback
         # the pass's partitions of each joint graph, for recompiles of the same graph
         self.plans = PlanCache()
+        # compiled functions (and their reports) by compile_key, for recompiles of the same
+        # Dynamo graph under the same settings
+        self.compiled = PlanCache()
 
     def example_ids(self, ids):
         """``with backend.example_ids(batch_ids): loss = model(batch)``: the ids of the batch's
@@ -61,19 +64,31 @@ class WTACRSBackend:
         config = self.config if options is None else _merge(self.config, options)
 
         report = CompileReport(config=config.to_dict())
-        self.reports.append(report)
-        _log(report)
-
         # AOTAutograd inputs are the Dynamo graph's inputs in order: primals_1..n.  Dynamo
         # inlines nn.Modules and lifts their parameters and buffers to inputs, marked static.
         static = tuple(i for i, t in enumerate(example_inputs) if is_static_input(t))
         joint_pass = WTACRSJointPass.for_compile(
             config, static, report, feedback=self.feedback if config.grad_norm_feedback else None,
-            graph_tag=len(self.reports) - 1, plans=self.plans,
+            graph_tag=len(self.reports), plans=self.plans,
         )
         # The partitioner's settings (memory budget) hold for the whole compile: the planner's
         # trial partitions and AOTAutograd's real one run under the same ones.
         partitioner = joint_pass.partitioner
+
+        # A recompile of the same graph under the same settings (a guard on Python state
+        # failed, the graph did not change) gets the function compiled before.  Not with
+        # gradient-norm feedback: its ops hold the backend's own cache.
+        key = None if config.grad_norm_feedback else compile_key(
+            gm, example_inputs, [joint_pass.uuid(), partitioner.key(), inductor_config_fingerprint()])
+        hit = self.compiled.get(key) if key is not None else None
+        if hit is not None:
+            fn, earlier = hit
+            report = earlier.served_again()
+            self.reports.append(report)
+            _log(report)
+            return fn
+        self.reports.append(report)
+        _log(report)
 
         compiled = CompiledGraphs(seconds=report.compile_seconds)
 
@@ -99,9 +114,12 @@ class WTACRSBackend:
         start = time.perf_counter()
         try:
             with partitioner.active():
-                return recording_compile_fx(
+                fn = recording_compile_fx(
                     gm, example_inputs, compiled, on_graph, config_patches={"joint_custom_post_pass": joint_pass}
                 )
+            if key is not None:
+                self.compiled.put(key, (fn, report))
+            return fn
         finally:
             # The backward may compile later (lazily, on the first backward call): its
             # Inductor time is added to compile_seconds then, not to "backend".
@@ -145,9 +163,12 @@ _SHARED_PLANS = PlanCache()
 a recompile of the same graph (keyed by its structure, the settings and the config) reuses
 the pass's partitions."""
 
+_SHARED_COMPILED = PlanCache()
+"""The same for whole compiled functions (``WTACRSBackend.compiled``)."""
+
 
 def wtacrs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """Entry point of ``backend="wtacrs"``: a fresh backend per compile, options from kwargs."""
     b = WTACRSBackend()
-    b.plans = _SHARED_PLANS
+    b.plans, b.compiled = _SHARED_PLANS, _SHARED_COMPILED
     return b(gm, example_inputs, **kwargs)

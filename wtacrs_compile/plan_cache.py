@@ -11,6 +11,12 @@ and traced value: shapes, dtypes) and of what the measurement depends on (the pa
 settings, the static inputs; for plans, each candidate's settings) to the measurement.  The
 rewrite itself always runs on the new graph.  Each backend object owns one; ``backend="wtacrs"``
 given by name shares one per process.  It is bounded (least recently used entries go).
+
+One level up, :func:`compile_key` keys a whole compile by the Dynamo graph, its example inputs
+and every setting the compile reads: the backend keeps the compiled function under it, and a
+recompile of the same graph is served whole (no joint trace, pass, partition or Inductor
+call), which is what plain torch.compile gets from AOTAutograd's cache, off under this backend
+(a hit there would skip the pass and leave no report).
 """
 
 from __future__ import annotations
@@ -62,6 +68,35 @@ def graph_key(graph: fx.Graph, extra: Iterable[Any] = ()) -> str:
     h = hashlib.sha256()
     for node in graph.nodes:
         h.update(f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|{_describe(node.meta.get('val'))}\n".encode())
+    for item in extra:
+        h.update(repr(item).encode())
+    return h.hexdigest()
+
+
+def compile_key(gm: fx.GraphModule, example_inputs: Iterable[Any], extra: Iterable[Any] = ()) -> Optional[str]:
+    """A key of one backend compile: the Dynamo graph's nodes (op, arguments, example value,
+    module stack, annotations), the example inputs (shape, stride, dtype, device,
+    requires_grad, parameter or not), the grad and autocast modes, and ``extra`` (the pass's
+    uuid, the partitioner's and Inductor's settings).  ``None`` where a
+    compile cannot be identified safely: symbolic shapes (another ShapeEnv), graphs with
+    submodules or attributes (values outside the inputs)."""
+    h = hashlib.sha256()
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            return None
+        # and what the pass reads off a node besides its op: the module it came from (rules
+        # select by FQN and type) and in-code annotations (wtacrs_compile.annotate)
+        modules = [tuple(v) for v in (node.meta.get("nn_module_stack") or {}).values()]
+        h.update(f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|"
+                 f"{_describe(node.meta.get('example_value'))}|{modules}|{node.meta.get('custom')}\n".encode())
+    for t in example_inputs:
+        if not isinstance(t, torch.Tensor) or not all(isinstance(d, int) for d in (*t.shape, *t.stride())):
+            return None
+        h.update(f"{_describe(t)}|{t.device}|{isinstance(t, torch.nn.Parameter)}\n".encode())
+    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+             torch.are_deterministic_algorithms_enabled(),
+             *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")))
+    h.update(repr(modes).encode())
     for item in extra:
         h.update(repr(item).encode())
     return h.hexdigest()

@@ -75,10 +75,18 @@ class CompileReport:
     # graphs Inductor compiled; "backward" appears when the backward compiles).
     flops: Dict[str, Dict[str, int]] = field(default_factory=dict)
     # measurements taken from an earlier compile of the same joint graph instead of partitioning
-    # again ("exact_baseline", "plan"; see plan_cache.py)
+    # again ("exact_baseline", "plan"; see plan_cache.py), or "compiled": the whole compiled
+    # function of an earlier compile of the same Dynamo graph, served again (this report is a
+    # copy of that compile's, with no compile time of its own)
     reused: List[str] = field(default_factory=list)
     # The fx.GraphModules Inductor compiled ("forward", "backward"); not serialised.
     graph_modules: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def served_again(self) -> "CompileReport":
+        """The report of a recompile served this compile's function: the same plan and bytes
+        (as known now: a backward that has not compiled yet fills only this report), marked
+        ``reused=["compiled"]``, without compile seconds."""
+        return dataclasses.replace(self, compile_seconds={}, reused=["compiled"])
 
     def count(self, decision: Optional[str] = None, op: Optional[str] = None) -> int:
         return sum(

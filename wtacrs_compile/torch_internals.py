@@ -50,6 +50,7 @@ __all__ = [
     "fresh_compiles",
     "functorch_config",
     "inductor_lowers_rand_like",
+    "inductor_config_fingerprint",
     "is_static_input",
     "make_fx_graph",
     "never_recompute",
@@ -167,6 +168,13 @@ def never_recompute(node: fx.Node) -> None:
     """Tag a node so that the partitioner never recomputes it in backward (the activation
     checkpointing policy ``MUST_SAVE``; in the min-cut partitioner a ban, not a forced save)."""
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def inductor_config_fingerprint() -> str:
+    """Inductor's current settings as one string (its portable config: what a compile of the
+    same graph reads), for keying compiled functions; empty where torch has no such dump."""
+    save = getattr(inductor_config, "save_config_portable", None)
+    return repr(sorted(save().items(), key=lambda kv: kv[0])) if save is not None else ""
 
 
 def is_static_input(t: Any) -> bool:
