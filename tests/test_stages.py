@@ -76,6 +76,27 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
     assert count(graph, aten.mm.default) == 3  # two estimates and the input gradient
 
 
+def test_inline_draws_trace_the_draw_into_the_graph(joint):
+    """``inline_draws=True``: the top-k-to-weights part of each draw is traced ops (Inductor
+    generates code for them) instead of one ``wtacrs::draw`` op; the same estimate otherwise."""
+    graph, *_ = planned(joint, memory_budget=None, inline_draws=True)
+    assert count(graph, torch.ops.wtacrs.draw.default) == 0
+    assert count(graph, aten.topk.default) == 2 and count(graph, aten.searchsorted.Tensor) == 2
+    assert count(graph, aten.mm.default) == 3
+
+
+def test_the_draw_op_is_the_inline_draw():
+    from wtacrs_compile.estimator import draw_rows, probabilities
+
+    g = torch.Generator().manual_seed(0)
+    p = probabilities(torch.rand(4, 300, generator=g))
+    for u, adaptive, fraction in ((torch.rand(4, 1, generator=g), True, -1.0), (torch.rand(4, 90, generator=g), False, 0.25)):
+        systematic = u.shape[-1] == 1
+        idx, w = torch.ops.wtacrs.draw(p, u, 90, adaptive, fraction, systematic)
+        ref_idx, ref_w = draw_rows(p, u, 90, adaptive, fraction, systematic)
+        assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+
+
 @pytest.mark.parametrize("sampling, noise", [("systematic", (1,)), ("iid", (39,))])
 def test_rewrite_draws_the_noise_the_sampling_needs(joint, sampling, noise):
     """Systematic draws take one uniform offset per draw, i.i.d. draws one number per slot

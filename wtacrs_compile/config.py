@@ -379,6 +379,11 @@ class WTACRSConfig:
         matmuls run at ~280 GFLOP/s, the draws' reads cost roughly 0.07-0.13 ns per element,
         20-40 FLOPs' worth); it keeps rank-8 LoRA products and small per-head ``bmm``
         products exact and samples every linear of BERT-style models.  0 samples every op.
+    inline_draws: each draw's top-k-to-indices part is one op, ``wtacrs::draw``, that runs as
+        eager ATen calls (about 0.2-0.3 ms a draw on the 2-core CPU, ~1 % of a step); ``True``
+        traces it into the graph for Inductor to generate code for: no per-draw dispatch at
+        run time (fewer launches on a GPU, not measured yet) for longer compiles (a BERT-base
+        layer's backward compiled in 19 s instead of 11 s, CPU).
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -399,6 +404,7 @@ class WTACRSConfig:
     live_rows: bool = True
     memory_budget: Optional[float] = 0.1
     min_draw_gain: float = 32.0
+    inline_draws: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -416,7 +422,7 @@ class WTACRSConfig:
             except ValueError as e:  # say which rule of the list
                 raise ValueError(str(e).replace("wtacrs config: ", f"wtacrs config: rules[{i}]: ", 1)) from None
         object.__setattr__(self, "rules", tuple(parsed))
-        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback", "live_rows"):
+        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback", "live_rows", "inline_draws"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)

@@ -86,6 +86,7 @@ def wtacrs_sample(
     deterministic: DeterministicT = "adaptive",
     sampling: str = "systematic",
     noise: Callable[..., Tensor] = rng.uniform,
+    inline: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Draw ``k`` row indices and their weights from per-row ``scores`` of shape ``(*B, N)``.
 
@@ -111,22 +112,24 @@ def wtacrs_sample(
     u = noise(like, sampling == "systematic")
     adaptive = deterministic == "adaptive"
     fraction = -1.0 if adaptive else float(deterministic)
-    idx, weight = torch.ops.wtacrs.draw(p, u, k, adaptive, fraction, sampling == "systematic")
-    return idx, weight
+    draw = draw_rows if inline else torch.ops.wtacrs.draw
+    return draw(p, u, k, adaptive, fraction, sampling == "systematic")
 
 
-@torch.library.custom_op("wtacrs::draw", mutates_args=())
-def _draw(
+def draw_rows(
     p: Tensor, u: Tensor, k: int, adaptive: bool, fraction: float, systematic: bool
 ) -> Tuple[Tensor, Tensor]:
-    """One draw as a single graph op: ``(idx, weight)`` from probabilities ``p`` (``(*B, N)``,
-    summing to 1) and uniform noise ``u`` (``(*B, 1)`` systematic, ``(*B, k)`` i.i.d.).
+    """One draw: ``(idx, weight)`` from probabilities ``p`` (``(*B, N)``, summing to 1) and
+    uniform noise ``u`` (``(*B, 1)`` systematic, ``(*B, k)`` i.i.d.); ``fraction`` is the
+    fixed winner fraction where not ``adaptive``.
 
-    An op of its own, not traced ops, because a draw is a short chain of small ops on N or k
-    numbers (top-k, two cumulative sums, a scatter, a search, gathers): traced, Inductor
-    generates and compiles C++/Triton code for each draw site, which doubled the backward's
-    compile time and saved nothing at run time.  Its inputs and outputs are plain tensors and
-    it has no side effect, so the partitioner may save its outputs (k indices and weights).
+    In a graph it is one op, ``wtacrs::draw`` (below), by default: a short chain of small ops
+    on N or k numbers (top-k, two cumulative sums, a scatter, a search, gathers) that, traced,
+    has Inductor generate and compile code for every draw site (one BERT-base layer's
+    backward: 20 generated kernels and 4.6k lines against 16 and 2.5k).  As an op it runs as
+    eager ATen calls instead, about 0.2-0.3 ms per draw on the 2-core CPU (~1 % of a MiniLM or
+    BERT-base step there); ``inline_draws=True`` traces it in, for Inductor to fuse (fewer
+    launches on a GPU), at that compile-time price.
     """
     n = p.shape[-1]
     top_p, top_idx = torch.topk(p, k, dim=-1)
@@ -158,6 +161,15 @@ def _draw(
     return idx, weight
 
 
+@torch.library.custom_op("wtacrs::draw", mutates_args=())
+def _draw(
+    p: Tensor, u: Tensor, k: int, adaptive: bool, fraction: float, systematic: bool
+) -> Tuple[Tensor, Tensor]:
+    """:func:`draw_rows` as one graph op.  Plain tensors in and out, no side effect: the
+    partitioner may save its outputs (k indices and weights) or recompute it."""
+    return draw_rows(p, u, k, adaptive, fraction, systematic)
+
+
 @_draw.register_fake
 def _(p, u, k, adaptive, fraction, systematic):
     shape = (*p.shape[:-1], k)
@@ -173,13 +185,14 @@ class DrawSpec:
     k: Union[int, Callable[[Any], Any]]
     deterministic: DeterministicT = "adaptive"
     sampling: str = "systematic"
+    inline: bool = False  # traced ops instead of the wtacrs::draw op (see draw_rows)
 
     def k_of(self, n: Any) -> Any:
         return self.k(n) if callable(self.k) else self.k
 
     def sample(self, scores: Tensor, noise: Callable[..., Tensor] = rng.uniform) -> Tuple[Tensor, Tensor]:
         """:func:`wtacrs_sample` over the last dim of ``scores`` with this spec."""
-        return wtacrs_sample(scores, self.k_of(scores.shape[-1]), self.deterministic, self.sampling, noise)
+        return wtacrs_sample(scores, self.k_of(scores.shape[-1]), self.deterministic, self.sampling, noise, self.inline)
 
 
 def sampled_matmul_reference(
