@@ -99,14 +99,10 @@ def compile_time_table(res: Dict[str, Any]) -> str:
     for r in rows:
         ratio = r["compile_s"] / inductor[r["style"]] if inductor.get(r["style"]) else None
         st = r.get("wtacrs_compile_seconds") or {}
-        stages = " / ".join(f"{st[k]:.1f}" for k in ("joint_pass", "inductor_forward", "inductor_backward") if k in st)
-        lines.append(f"| {r['style']} | {r['backend']} | {r['compile_s']:.1f} | {_x(ratio)} | "
-                     f"{', '.join(f'{t:.1f}' for t in r['first_steps_s'])} | {stages} |")
+        stages = " / ".join(_seconds(st[k]) for k in ("joint_pass", "inductor_forward", "inductor_backward") if k in st)
+        lines.append(f"| {r['style']} | {r['backend']} | {_seconds(r['compile_s'])} | {_x(ratio)} | "
+                     f"{', '.join(_seconds(t) for t in r['first_steps_s'])} | {stages} |")
     return "\n".join(lines)
-
-
-def _x(ratio) -> str:
-    return f"{ratio:.2f}x" if ratio is not None else ""
 
 
 def accuracy_table(res: Dict[str, Any]) -> str:

@@ -204,8 +204,7 @@ def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any
     with ``x``'s module metadata; its noise (``torch_internals.replayable_uniform``) is tagged to
     be replayed, never redrawn, if the partitioner recomputes the draw (``wtacrs::draw``) in
     backward (it may: no forward output reads the draw, so the partitioner does not ban its
-    recomputation).  Returns
-    the draw's outputs, marked ``meta["wtacrs"] = "forward_sample"``."""
+    recomputation).  Returns the draw's outputs, marked ``meta["wtacrs"] = "forward_sample"``."""
     before = x.next
     while before.op == "placeholder":
         before = before.next

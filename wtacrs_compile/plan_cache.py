@@ -67,19 +67,24 @@ def graph_key(graph: fx.Graph, extra: Iterable[Any] = ()) -> str:
     """A hash of the graph's structure and traced values, and of ``extra``."""
     h = hashlib.sha256()
     for node in graph.nodes:
-        h.update(f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|{_describe(node.meta.get('val'))}\n".encode())
+        h.update(f"{_node_line(node, 'val')}\n".encode())
     for item in extra:
         h.update(repr(item).encode())
     return h.hexdigest()
+
+
+def _node_line(node: fx.Node, value_key: str) -> str:
+    """A node's op, target, arguments and traced value (``meta[value_key]``)."""
+    return f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|{_describe(node.meta.get(value_key))}"
 
 
 def compile_key(gm: fx.GraphModule, example_inputs: Iterable[Any], extra: Iterable[Any] = ()) -> Optional[str]:
     """A key of one backend compile: the Dynamo graph's nodes (op, arguments, example value,
     module stack, annotations), the example inputs (shape, stride, dtype, device,
     requires_grad, parameter or not), the grad and autocast modes, and ``extra`` (the pass's
-    uuid, the partitioner's and Inductor's settings).  ``None`` where a
-    compile cannot be identified safely: symbolic shapes (another ShapeEnv), graphs with
-    submodules or attributes (values outside the inputs)."""
+    uuid, the partitioner's and Inductor's settings).  ``None`` where a compile cannot be
+    identified safely: symbolic shapes (another ShapeEnv), graphs with submodules or
+    attributes (values outside the inputs)."""
     h = hashlib.sha256()
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
@@ -87,8 +92,7 @@ def compile_key(gm: fx.GraphModule, example_inputs: Iterable[Any], extra: Iterab
         # and what the pass reads off a node besides its op: the module it came from (rules
         # select by FQN and type) and in-code annotations (wtacrs_compile.annotate)
         modules = [tuple(v) for v in (node.meta.get("nn_module_stack") or {}).values()]
-        h.update(f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|"
-                 f"{_describe(node.meta.get('example_value'))}|{modules}|{node.meta.get('custom')}\n".encode())
+        h.update(f"{_node_line(node, 'example_value')}|{modules}|{node.meta.get('custom')}\n".encode())
     for t in example_inputs:
         if not isinstance(t, torch.Tensor) or not all(isinstance(d, int) for d in (*t.shape, *t.stride())):
             return None
