@@ -380,10 +380,10 @@ class WTACRSConfig:
         20-40 FLOPs' worth); it keeps rank-8 LoRA products and small per-head ``bmm``
         products exact and samples every linear of BERT-style models.  0 samples every op.
     inline_draws: each draw's top-k-to-indices part is one op, ``wtacrs::draw``, that runs as
-        eager ATen calls (about 0.2-0.3 ms a draw on the 2-core CPU, ~1 % of a step); ``True``
-        traces it into the graph for Inductor to generate code for: no per-draw dispatch at
-        run time (fewer launches on a GPU, not measured yet) for longer compiles (a BERT-base
-        layer's backward compiled in 19 s instead of 11 s, CPU).
+        eager ATen calls (36-41 ms of a 1.27 s MiniLM step on the 2-core CPU under the
+        profiler, ``results/profile-minilm.md``); ``True`` traces it into the graph for
+        Inductor to generate code for: no per-draw dispatch at run time (fewer launches on a
+        GPU, not measured yet) for longer compiles (Inductor generates code per draw site).
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward

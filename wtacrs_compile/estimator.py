@@ -25,8 +25,7 @@ In the joint graph a draw is three parts: the scores and probabilities (traced o
 Inductor fuses into the kernels that produce ``X`` and ``G``), the noise (one op, see
 ``rng.py``) and ``wtacrs::draw``, one custom op from probabilities and noise to indices and
 weights (top-k, winner count, CDF, search).  That last part runs as eager ATen calls: traced,
-it made Inductor generate and compile a few hundred lines of C++ per draw site for work on N or
-k numbers, which doubled the backward graph's compile time.  Leading batch dimensions are
+it made Inductor generate and compile C++ per draw site for work on N or k numbers.  Leading batch dimensions are
 supported (one draw per batch entry), which is how ``bmm`` samples per (batch, head).
 """
 
@@ -125,11 +124,10 @@ def draw_rows(
 
     In a graph it is one op, ``wtacrs::draw`` (below), by default: a short chain of small ops
     on N or k numbers (top-k, two cumulative sums, a scatter, a search, gathers) that, traced,
-    has Inductor generate and compile code for every draw site (one BERT-base layer's
-    backward: 20 generated kernels and 4.6k lines against 16 and 2.5k).  As an op it runs as
-    eager ATen calls instead, about 0.2-0.3 ms per draw on the 2-core CPU (~1 % of a MiniLM or
-    BERT-base step there); ``inline_draws=True`` traces it in, for Inductor to fuse (fewer
-    launches on a GPU), at that compile-time price.
+    has Inductor generate and compile code for every draw site.  As an op it runs as eager
+    ATen calls instead (36-41 ms of a 1.27 s MiniLM step on the 2-core CPU under the profiler,
+    ``results/profile-minilm.md``); ``inline_draws=True`` traces it in, for Inductor to fuse
+    (fewer launches on a GPU), at that compile-time price.
     """
     n = p.shape[-1]
     top_p, top_idx = torch.topk(p, k, dim=-1)
