@@ -159,3 +159,33 @@ def test_pack_masks_packs_the_saved_relu_mask():
         packed = jp._pack_masks(graph, saved, {})
     assert jp.report.packed_masks == ["le"]
     assert packed.activation_bytes == 128 * 256 // 8
+
+
+class _Attention(nn.Module):
+    def __init__(self, dropout_p: float) -> None:
+        super().__init__()
+        self.qkv, self.out, self.dropout_p = nn.Linear(32, 96), nn.Linear(32, 32), dropout_p
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(2, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p)
+        return self.out(y.transpose(1, 2).reshape(2, 16, 32))
+
+
+@pytest.mark.parametrize("dropout_p, kept", [(0.0, 0), (0.1, 1)])
+def test_keep_random_bans_only_ops_that_draw(dropout_p, kept):
+    """The fused attention op carries the random tag for its dropout; with ``dropout_p=0`` it
+    draws nothing and stays recomputable (banning it cost timm's ViT-B/16 27 MB under
+    ``memory_budget=0.1``).  With dropout (on CPU the math path: its ``rand_like``) the noise
+    is kept out of recomputation."""
+    from wtacrs_compile.graph_utils import is_random
+    from wtacrs_compile.passes.keep_random import keep_random_ops
+    from wtacrs_compile.torch_internals import checkpoint_tag
+
+    torch.manual_seed(0)
+    graph = capture_joint(_Attention(dropout_p), torch.randn(2, 16, 32)).graph()
+    attention = [n for n in graph.nodes if is_random(n)]
+    assert len(attention) == 1
+    assert ("attention" in str(attention[0].target)) == (dropout_p == 0)
+    assert keep_random_ops(graph) == kept
+    assert (checkpoint_tag(attention[0]) is not None) == bool(kept)

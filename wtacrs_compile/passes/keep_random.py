@@ -17,11 +17,19 @@ In the min-cut partitioner ``MUST_SAVE`` only bans recomputation: the partitione
 the cheapest tensor that lets backward do without the random op (the boolean keep-mask, not
 the float noise).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
 from the RNG state saved in forward) is left as it is.
+
+A call whose drop probability is a literal 0 (``dropout_p=0.0`` of the fused attention ops,
+which carry the random tag for their dropout; ``native_dropout`` with ``p=0`` or
+``train=False``) draws nothing: it is left untagged, so the budget may recompute it.  Tagging
+it would ban recomputing every attention output and its log-sum-exp (timm's ViT-B/16 under
+``memory_budget=0.1`` saved 73 MB where torch's own budget saves 46 MB).
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
+
+from typing import Any
 
 from ..graph_utils import is_random
 from ..torch_internals import checkpoint_tag, never_recompute
@@ -31,7 +39,33 @@ def keep_random_ops(graph: fx.Graph) -> int:
     """Tag every untagged random node of the joint graph ``MUST_SAVE``; returns how many."""
     tagged = 0
     for node in graph.nodes:
-        if is_random(node) and checkpoint_tag(node) is None:
+        if is_random(node) and not draws_nothing(node) and checkpoint_tag(node) is None:
             never_recompute(node)
             tagged += 1
     return tagged
+
+
+_PROBABILITY_ARGS = ("dropout_p", "p")
+
+
+def draws_nothing(node: fx.Node) -> bool:
+    """A random op called with a literal drop probability of 0 (or ``train=False``)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in _PROBABILITY_ARGS:
+            value = _argument(node, i, arg)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+                return True
+        elif arg.name == "train" and _argument(node, i, arg) is False:
+            return True
+    return False
+
+
+def _argument(node: fx.Node, index: int, arg: Any) -> Any:
+    if arg.name in node.kwargs:
+        return node.kwargs[arg.name]
+    if index < len(node.args):
+        return node.args[index]
+    return arg.default_value if arg.has_default_value() else None
