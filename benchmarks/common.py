@@ -191,6 +191,8 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
         name = "wtacrs default" if b == 0.1 else f"wtacrs compute budget={b}"
         out.append({"name": name, "kind": "wtacrs", "mode": "compute", "memory_budget": b, "frontier": "wtacrs"})
     out.append({"name": "wtacrs default r=0.1", "kind": "wtacrs", "ratio": 0.1})
+    # the draw traced into the graph instead of the wtacrs::draw op (compile time vs step time)
+    out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
     if modes:
         for b in (1.0, 0.1):
             out.append({"name": f"wtacrs memory budget={b}", "kind": "wtacrs", "mode": "memory", "memory_budget": b})
@@ -214,8 +216,8 @@ class Recorder:
         self.wtacrs = None
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
-            options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling")
-                       if key in cfg}
+            options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling",
+                                                 "inline_draws") if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True
             self.wtacrs = wtacrs_backend(**options)
