@@ -1,6 +1,6 @@
 """Plots from the results files: one point per configuration.
 
-    python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_{minilm,fmnist}.png
+    python benchmarks/plot.py        # -> results/memory_time-<model>.png, results/accuracy_{minilm,fmnist}*.png
 
 memory_time-<model>.png: saved-activation bytes (x) against step time as a ratio to Inductor
 (y), and peak step RSS (x) against the same, with the exact frontier (Inductor under
@@ -126,8 +126,7 @@ def main() -> None:
         print(plot_memory(p))
     for acc in sorted(RESULTS.glob("accuracy_minilm*.json")):
         print(plot_accuracy(acc, RESULTS / "memory_time-minilm.json"))
-    acc = RESULTS / "accuracy_fmnist.json"
-    if acc.exists():  # no memory run of this small ViT: one column per configuration
+    for acc in sorted(RESULTS.glob("accuracy_fmnist*.json")):  # no memory run of this small ViT
         print(plot_accuracy(acc, None, "small ViT on Fashion-MNIST: accuracy per configuration"))
 
 
