@@ -51,11 +51,11 @@ def plot_memory(path: Path) -> Path:
     if not any(e.get(ykey) for e in ok):
         ykey, ylabel = "backward_flops_vs_inductor", "backward matmul FLOPs / Inductor's (counted)"
     ok = [e for e in ok if e.get(ykey)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, label in (
-        (axes[0], "saved_bytes", "saved activations (MiB; eager: autograd saved tensors)"),
-        (axes[1], "peak_step_bytes", "peak RSS of one training step minus RSS before it (MiB)"),
-    ):
+    panels = [("saved_bytes", "saved activations (MiB; eager: autograd saved tensors)")]
+    if any(e.get("peak_step_bytes") for e in ok):  # a run with --no-peak has no second panel
+        panels.append(("peak_step_bytes", "peak RSS of one training step minus RSS before it (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
         for e in ok:
             if not e.get(key):
                 continue
@@ -68,7 +68,8 @@ def plot_memory(path: Path) -> Path:
         _frontier(ax, ok, key, ykey, "exact", "tab:cyan", "exact: activation_memory_budget 1.0 / 0.5 / 0.3 / 0.1")
         _frontier(ax, ok, key, ykey, "wtacrs", "tab:red", "wtacrs compute mode at the same budgets")
         ax.axhline(1.0, color="tab:blue", lw=0.5, ls="--")
-        ax.legend(fontsize=7, loc="upper right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
