@@ -104,6 +104,15 @@ DEFAULT_SHAPES = {  # batch, sequence length (tokens); CPU-feasible on 2 cores
 }
 
 
+def _classification_batch(vocab_size: int, batch: int, seq: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Random token ids (no padding) and binary labels for a sequence classifier."""
+    return {
+        "input_ids": torch.randint(1000, vocab_size, (batch, seq), generator=gen),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch,), generator=gen),
+    }
+
+
 def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, seed: int = 0):
     import transformers
 
@@ -114,11 +123,7 @@ def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, s
         if layers:
             cfg.num_hidden_layers = layers
         model = transformers.BertForSequenceClassification(cfg)
-        data = {
-            "input_ids": torch.randint(1000, cfg.vocab_size, (batch, seq), generator=gen),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-            "labels": torch.randint(0, 2, (batch,), generator=gen),
-        }
+        data = _classification_batch(cfg.vocab_size, batch, seq, gen)
         desc = f"BertForSequenceClassification, bert-base shape ({cfg.num_hidden_layers} layers, hidden 768), eager attention, from config"
         wrapped = WithLoss(model, "hf")
     elif name == "t5-base":
@@ -160,11 +165,7 @@ def build_model(name: str, batch: int, seq: int, layers: Optional[int] = None, s
         if layers:
             model.bert.encoder.layer = model.bert.encoder.layer[:layers]
         cfg = model.config
-        data = {
-            "input_ids": torch.randint(1000, cfg.vocab_size, (batch, seq), generator=gen),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-            "labels": torch.randint(0, 2, (batch,), generator=gen),
-        }
+        data = _classification_batch(cfg.vocab_size, batch, seq, gen)
         desc = f"all-MiniLM-L6-v2 real weights ({len(model.bert.encoder.layer)} layers, hidden 384), eager attention"
         wrapped = WithLoss(model, "hf")
     else:
