@@ -11,8 +11,8 @@ Four runs, each in a fresh subprocess with an empty Inductor cache directory
   head run eagerly;
 
 each with Inductor, with the wtacrs defaults and, with ``--backends`` naming it, with Inductor
-under ``activation_memory_budget=0.1`` (``inductor-budget``: the exact recomputation the
-default's ``memory_budget=0.1`` asks for, without sampling; it tells which part of wtacrs's
+under the default's ``memory_budget`` as ``activation_memory_budget`` (``inductor-budget``:
+the exact recomputation the default asks for, without sampling; it tells which part of wtacrs's
 extra compile time is the budget's).  compile_s = the first three training steps
 less three steady ones (median of steps 4-6), as the second step may recompile (for both
 backends).  For wtacrs the reports' compile_seconds are summed per stage over the graphs.
@@ -37,7 +37,6 @@ import common  # noqa: E402
 
 STYLES = ("whole", "regional")
 BACKENDS = ("inductor", "inductor-budget", "wtacrs")
-BUDGET = 0.1  # the default's memory_budget
 
 
 def blocks(wrapped, model_name: str):
@@ -63,8 +62,10 @@ def run_one(args) -> dict:
 
         backend = wtacrs_compile.backend()
     target = backend if backend is not None else "inductor"
-    if args.backend == "inductor-budget":
-        torch._functorch.config.activation_memory_budget = BUDGET  # read at each compile
+    if args.backend == "inductor-budget":  # the default's memory_budget, read at each compile
+        from wtacrs_compile import WTACRSConfig
+
+        torch._functorch.config.activation_memory_budget = WTACRSConfig().memory_budget
     if args.style == "whole":
         fn = torch.compile(model, backend=target)
     else:

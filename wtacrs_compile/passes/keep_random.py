@@ -27,9 +27,9 @@ it would ban recomputing every attention output and its log-sum-exp (timm's ViT-
 
 from __future__ import annotations
 
-import torch.fx as fx
-
 from typing import Any
+
+import torch.fx as fx
 
 from ..graph_utils import is_random
 from ..torch_internals import checkpoint_tag, never_recompute
