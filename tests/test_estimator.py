@@ -216,3 +216,61 @@ def test_draw_op_passes_torch_custom_op_checks(adaptive, fraction, systematic):
     u = torch.rand(3, 1 if systematic else 10, generator=g)
     results = torch.library.opcheck(torch.ops.wtacrs.draw.default, (p, u, 10, adaptive, fraction, systematic))
     assert set(results.values()) == {"SUCCESS"}, results
+
+
+BACKWARD_CASES = [  # (x shape, g shape, x_t, g_t, x_first): mm sites both ways, a bmm site
+    ((200, 12), (200, 7), False, False, False),
+    ((12, 200), (200, 7), True, False, True),
+    ((3, 60, 5), (3, 60, 4), False, False, True),
+]
+
+
+def _exact_product(x, g, x_t, g_t, x_first):
+    xr = x.transpose(-1, -2) if x_t else x
+    gr = g.transpose(-1, -2) if g_t else g
+    return xr.transpose(-1, -2) @ gr if x_first else gr.transpose(-1, -2) @ xr
+
+
+@pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
+def test_backward_estimate_op_is_exact_at_k_equal_n_and_checks(xs, gs, x_t, g_t, x_first):
+    """``wtacrs::backward_estimate`` (the backward draw as one op): the product of the exact
+    operands when it keeps every row, and torch's schema and fake-tensor checks (its random
+    output cannot pass opcheck's eager-vs-traced comparison)."""
+    g0 = torch.Generator().manual_seed(0)
+    x, g = torch.randn(xs, generator=g0), torch.randn(gs, generator=g0)
+    n = x.shape[-1] if x_t else x.shape[-2]
+    out = torch.ops.wtacrs.backward_estimate(x, g, n, x_t, g_t, x_first, True, -1.0, True)
+    torch.testing.assert_close(out, _exact_product(x, g, x_t, g_t, x_first))
+    results = torch.library.opcheck(
+        torch.ops.wtacrs.backward_estimate.default, (x, g, n // 3, x_t, g_t, x_first, True, -1.0, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
+@pytest.mark.parametrize("systematic", [True, False])
+def test_backward_estimate_op_is_unbiased(xs, gs, x_t, g_t, x_first, systematic):
+    """The op at k = 0.3 N, heavy-tailed rows: the mean of 800 draws is within the
+    statistical bound of the exact product."""
+    g0 = torch.Generator().manual_seed(1)
+    x = torch.randn(xs, generator=g0, dtype=torch.float64)
+    g = torch.randn(gs, generator=g0, dtype=torch.float64)
+    n = x.shape[-1] if x_t else x.shape[-2]
+    heavy = torch.rand(n, generator=g0, dtype=torch.float64) ** -1.0
+    g = g * (heavy[:, None] if not g_t else heavy)
+    k = math.ceil(0.3 * n)
+    torch.manual_seed(3)
+    draws = torch.stack([
+        torch.ops.wtacrs.backward_estimate(x, g, k, x_t, g_t, x_first, True, -1.0, systematic) for _ in range(800)
+    ])
+    assert_unbiased(draws, _exact_product(x, g, x_t, g_t, x_first))
+
+
+def test_backward_estimate_op_counts_the_smaller_matmul():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, g = torch.randn(200, 12), torch.randn(200, 7)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.wtacrs.backward_estimate(x, g, 60, False, False, False, True, -1.0, True)
+    assert counter.get_total_flops() == 2 * 60 * 12 * 7

@@ -72,14 +72,18 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
     assert outcome.applied.rows == {} and outcome.drawn_in_backward == set()
     names = {n.name for n in graph.nodes}
     assert not any(s.node in names for s in sites), "the exact weight-gradient matmuls are gone"
-    assert count(graph, torch.ops.wtacrs.draw.default) == 2  # one draw per site
-    assert count(graph, aten.mm.default) == 3  # two estimates and the input gradient
+    # one op per site (norms, draw, gathers and the smaller matmul), nothing for Inductor to
+    # generate code for; the one mm left is the input gradient
+    assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 2
+    assert count(graph, aten.mm.default) == 1
 
 
 def test_inline_draws_trace_the_draw_into_the_graph(joint):
-    """``inline_draws=True``: the top-k-to-weights part of each draw is traced ops (Inductor
-    generates code for them) instead of one ``wtacrs::draw`` op; the same estimate otherwise."""
+    """``inline_draws=True``: each backward estimate is traced ops (norms, top-k to weights,
+    gathers, the smaller matmul: Inductor generates code for them) instead of one
+    ``wtacrs::backward_estimate`` op; the same estimate otherwise."""
     graph, *_ = planned(joint, memory_budget=None, inline_draws=True)
+    assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 0
     assert count(graph, torch.ops.wtacrs.draw.default) == 0
     assert count(graph, aten.topk.default) == 2 and count(graph, aten.searchsorted.Tensor) == 2
     assert count(graph, aten.mm.default) == 3
@@ -103,10 +107,15 @@ def test_rewrite_draws_the_noise_the_sampling_needs(joint, sampling, noise):
     (k = ceil(0.3 * 128) = 39)."""
     from wtacrs_compile.graph_utils import is_random
 
-    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, sampling=sampling)
+    graph, jp, sites, resolved, outcome = planned(joint, memory_budget=None, sampling=sampling, inline_draws=True)
     assert {s.sampling for s in resolved.settings.values()} == {sampling}
     shapes = [tuple(n.meta["val"].shape) for n in graph.nodes if is_random(n)]
     assert shapes == [noise, noise]
+    # as one op the draw takes its noise inside; the op is what the graph sees as random
+    graph, *_ = planned(joint, memory_budget=None, sampling=sampling)
+    random = [n for n in graph.nodes if is_random(n)]
+    assert [n.target for n in random] == [torch.ops.wtacrs.backward_estimate.default] * 2
+    assert {n.args[8] for n in random} == {sampling == "systematic"}
 
 
 
@@ -123,11 +132,11 @@ def test_backward_draws_that_cannot_pay_stay_exact():
     for d in outcome.decisions.values():
         assert d.decision == "exact" and "saves 4 weight-gradient FLOPs per element" in d.reason
         assert "min_draw_gain 32" in d.reason
-    assert count(graph, torch.ops.wtacrs.draw.default) == 0
+    assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 0
 
     graph, jp, sites, resolved, outcome = planned(narrow, memory_budget=None, min_draw_gain=0)
     assert {d.decision for d in outcome.decisions.values()} == {"compute"}
-    assert count(graph, torch.ops.wtacrs.draw.default) == 2
+    assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 2
 
 
 def test_plan_and_rewrite_memory_mode_keeps_only_draws_that_save_bytes(joint):

@@ -35,11 +35,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..estimator import DrawSpec, row_norms
+from ..estimator import DrawSpec, backward_estimate, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
-from .row_ops import as_rows, bmm_operands, mm_operands, product, take_rows, weighted_rows
+from .row_ops import as_rows, bmm_operands, mm_operands, product
 
 
 
@@ -114,13 +114,21 @@ def rewrite_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``; a
-    ``bmm`` site draws per batch entry."""
+    ``bmm`` site draws per batch entry.  One ``wtacrs::backward_estimate`` op (eager ATen
+    calls at run time, nothing for Inductor to generate), or with ``inline_draws`` its ops
+    traced in (``estimator.backward_estimate``)."""
     x, x_t, g, g_t = (bmm_operands if site.kind == "bmm" else mm_operands)(node, site)
+    deterministic, sampling = draw.deterministic, draw.sampling
 
     def estimate(x_in, g_in):
-        xr, gr = as_rows(x_in, x_t), as_rows(g_in, g_t)
-        idx, w = draw.sample(row_norms(xr) * row_norms(gr))
-        return product(weighted_rows(gr, idx, w), take_rows(xr, idx), site.x_side)
+        k = draw.k_of(as_rows(x_in, x_t).shape[-2])
+        if draw.inline:  # traced ops, for Inductor to generate code for
+            return backward_estimate(x_in, g_in, k, x_t, g_t, site.x_side, deterministic, sampling, inline=True)
+        adaptive = deterministic == "adaptive"
+        return torch.ops.wtacrs.backward_estimate(
+            x_in, g_in, k, x_t, g_t, site.x_side == "a", adaptive, -1.0 if adaptive else float(deterministic),
+            sampling == "systematic",
+        )
 
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw))
     replace_with_estimate(graph, node, sub, [x, g])
