@@ -15,7 +15,7 @@ import torch
 from .compiled_graphs import BACKWARD, INFERENCE, CompiledGraphs, recording_compile_fx
 from .config import WTACRSConfig
 from .feedback import GradNormCache
-from .passes.joint_pass import WTACRSJointPass
+from .passes.joint_pass import WTACRSJointPass, complete_from_compiled
 from .plan_cache import PlanCache, compile_key
 from .report import CompileReport, _log
 from .torch_internals import inductor_config_fingerprint, is_static_input
@@ -100,13 +100,9 @@ class WTACRSBackend:
             report.graph_modules[kind] = module
             report.flops.setdefault("compiled", {})[kind] = graphs.flops[kind]
             if kind == BACKWARD and graphs.saved is not None:
-                report.compiled_saved_bytes = graphs.saved.activation_bytes
-                if report.wtacrs_saved_bytes is None and report.baseline_saved_bytes is not None:
-                    # The pass planned backward draws only and left the partition to this
-                    # compile instead of a trial partition: its figures are the compiled ones.
-                    report.wtacrs_saved_bytes = graphs.saved.activation_bytes
-                    report.saved_tensors = dict(graphs.saved.activations)
-                    report.flops["wtacrs"] = dict(report.flops["compiled"])
+                # what the pass left to this compile instead of a trial partition (backward
+                # draws only) is read off the compiled graphs
+                complete_from_compiled(report, graphs.saved, report.flops["compiled"])
 
         # The AOTAutograd cache would skip the joint pass on a hit and leave no report (the
         # settings turn it off); the FX graph cache (forward and backward code) stays on and is

@@ -295,30 +295,42 @@ def graph_flops(graph: Any) -> int:
     counted with ``torch.utils.flop_counter``'s formulas on the nodes' fake values: what
     ``FlopCounterMode`` would count running the graph, without running it.  Symbolic sizes
     count at their traced size; nodes without values are not counted."""
-    graph = getattr(graph, "graph", graph)
-    total = 0
+    return sum(node_flops(node) for node in getattr(graph, "graph", graph).nodes)
+
+
+def node_flops(node: fx.Node) -> int:
+    """One node's share of :func:`graph_flops`."""
+    if node.op != "call_function":
+        return 0
+    formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+    out = node.meta.get("val")
+    if formula is None or out is None:
+        return 0
+    missing = []
+
+    def value(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if v is None:
+                missing.append(a)
+            return v
+        return a
+
+    args, kwargs = fx.map_arg((node.args, node.kwargs), value)
+    if missing:
+        return 0
+    return traced_size(formula(*args, out_val=out, **kwargs))
+
+
+def joint_flops(graph: fx.Graph) -> Dict[str, int]:
+    """FLOPs of a joint graph's matmul-class ops split into its forward and backward parts:
+    the default partition's figures (it never recomputes a matmul: not in the partitioner's
+    recomputation allowlist), without partitioning."""
+    backward = tangent_dependent(graph)
+    counts = {"forward": 0, "backward": 0}
     for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
-        out = node.meta.get("val")
-        if formula is None or out is None:
-            continue
-        missing = []
-
-        def value(a: Any) -> Any:
-            if isinstance(a, fx.Node):
-                v = a.meta.get("val")
-                if v is None:
-                    missing.append(a)
-                return v
-            return a
-
-        args, kwargs = fx.map_arg((node.args, node.kwargs), value)
-        if missing:
-            continue
-        total += traced_size(formula(*args, out_val=out, **kwargs))
-    return total
+        counts["backward" if node in backward else "forward"] += node_flops(node)
+    return counts
 
 
 def fw_bw_flops(saved: "SavedSet") -> Dict[str, int]:
@@ -337,6 +349,23 @@ class SavedSet:
     @property
     def activation_bytes(self) -> int:
         return sum(self.activations.values())
+
+
+def saved_value_bytes(saved: SavedSet) -> int:
+    """Bytes of every tensor a partition's backward takes from its forward: activations,
+    parameters and views of inputs alike (how torch's budget solver weighs a partition)."""
+    return sum(
+        tensor_nbytes(n.meta.get("val")) for n in saved.bw.graph.nodes
+        if n.op == "placeholder" and not n.target.startswith("tangents")
+    )
+
+
+def input_bytes(graph: fx.Graph) -> int:
+    """Bytes of a joint graph's primal inputs, parameters included."""
+    return sum(
+        tensor_nbytes(n.meta.get("val")) for n in graph.nodes
+        if n.op == "placeholder" and not n.target.startswith("tangents")
+    )
 
 
 def num_fwd_outputs(graph: fx.Graph) -> int:

@@ -35,6 +35,8 @@ class OpRecord:
     # Inductor's default partition saves this op's activation and the exact partition under
     # the memory budget recomputes it in backward instead (no sampling involved)
     recomputed: bool = False
+    input_node: str = ""  # the forward node this op's activation comes from (through views)
+    input_saved_by_inductor: bool = False  # Inductor's default partition saves it (under a budget)
     sample: Optional[str] = None  # forward-drawn ops: the joint-graph node of the k sampled rows
     # FLOPs of this op's weight-gradient matmul, exact (2 N D_in D_out per product) and as
     # rewritten (2 k D_in D_out when sampled); the draw's own elementwise work is not in it
@@ -69,7 +71,9 @@ class CompileReport:
     # backend call: AOTAutograd's tracing and partition, the pass, Inductor).
     compile_seconds: Dict[str, float] = field(default_factory=dict)
     # FLOPs of matmul-class ops (torch.utils.flop_counter's formulas) per partition, each
-    # {"forward": f, "backward": b}: "inductor" (default partition, no rewrite), "baseline"
+    # {"forward": f, "backward": b}: "joint" (the joint graph before the rewrite, split into
+    # its forward and backward parts: the default partition's figures, counted without one),
+    # "inductor" (default partition, no rewrite), "baseline"
     # (the exact partition under the memory budget: its backward includes what it
     # recomputes), "wtacrs" (the pass's partition of the rewritten graph) and "compiled" (the
     # graphs Inductor compiled; "backward" appears when the backward compiles).

@@ -57,6 +57,7 @@ __all__ = [
     "original_module",
     "partition_joint",
     "real_tensors",
+    "budget_solver_gives_up",
     "replay_in_backward",
     "replayable_uniform",
     "reset_dynamo",
@@ -142,6 +143,18 @@ def partition_joint(
         num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_input_indices,
     )
+
+
+def budget_solver_gives_up(saved_value_bytes: int, input_bytes: int) -> bool:
+    """Whether torch's memory-budget solver returns the default partition of a joint graph,
+    told from that partition instead of running the solver: ``choose_saved_values_set``
+    (torch/_functorch/partitioners.py, 2.11 to 2.14) returns the default min-cut whenever what
+    it saves (``saved_value_bytes``: every tensor the backward takes from the forward,
+    parameters and views included) weighs no more than the joint graph's inputs
+    (``input_bytes``: every primal, parameters included); it does when the parameters
+    outweigh the activations.  The relaxed-bans test (``tests/test_default_plan.py``) checks
+    this against the solver itself."""
+    return saved_value_bytes <= input_bytes
 
 
 def real_tensors():

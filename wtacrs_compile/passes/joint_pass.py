@@ -7,6 +7,8 @@ Its stages, each taking and returning plain data (``docs/architecture.md``)::
     _live_rows(joint, resolved)               # live_rows.py: exact rewrite of enabled ops whose
                                               # G has provably zero rows -> Resolved.live
     baseline = _exact_baseline(joint)         # best exact partition          -> Baseline
+                                              # (backward draws only: _partition_settings,
+                                              # the compiled graphs tell)
     outcome  = _plan_and_rewrite(...)         # plan_memory.py on copies, then one rewrite of
                                               # the real graph (sample_*.py) -> Outcome
     final    = _pack_masks(...)               # opt-in, pack_masks.py
@@ -34,10 +36,13 @@ import torch.fx as fx
 from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..estimator import DrawSpec
-from ..graph_utils import PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, partition_saved, traced_size
+from ..graph_utils import (
+    PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, joint_flops, partition_saved, saved_value_bytes,
+    traced_size,
+)
 from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
-from ..torch_internals import CustomGraphPass, stable_topological_sort
+from ..torch_internals import CustomGraphPass, budget_solver_gives_up, stable_topological_sort
 from . import plan_memory
 from .keep_random import keep_random_ops
 from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
@@ -77,10 +82,11 @@ class Resolved:
 
 @dataclass
 class Baseline:
-    """Stage 3's output: the best exact partition, and the forward nodes Inductor's default
-    partition saves (empty when the compile has no memory budget)."""
+    """Stage 3's output: the best exact partition (None: left to the partition AOTAutograd
+    runs next, see :meth:`WTACRSJointPass._partition_settings`), and the forward nodes
+    Inductor's default partition saves (empty when the compile has no memory budget)."""
 
-    saved: SavedSet
+    saved: Optional[SavedSet]
     inductor_roots: Set[str] = field(default_factory=set)
 
 
@@ -94,6 +100,38 @@ class Outcome:
     final: Optional[SavedSet]  # None: not partitioned here (backward draws only)
     drawn_in_backward: Set[str]  # forward draws the partition runs in backward
     recomputed: Set[str]  # sites whose activation the budget recomputes exactly
+    inductor_roots: Set[str] = field(default_factory=set)  # what Inductor's default partition saves
+
+
+RECOMPUTED_NOTE = "; its activation is recomputed exactly in backward (memory_budget), not saved"
+
+
+def complete_from_compiled(report: CompileReport, saved: SavedSet, flops: Dict[str, int]) -> None:
+    """Fill the figures the joint pass left to the compiled graphs (``saved``, ``flops``: what
+    the backward Inductor compiled takes from the forward).  With backward draws only, the
+    pass partitions nothing for its own figures (``_partition_settings``): the compiled
+    partition is both the exact one under the budget (the forward is unchanged) and the
+    rewritten graph's, and it tells which activations the budget recomputes."""
+    report.compiled_saved_bytes = saved.activation_bytes
+    if report.baseline_saved_bytes is None:
+        report.baseline_saved_bytes = saved.activation_bytes
+        report.baseline_saved_tensors = dict(saved.activations)
+        # the exact backward does each sampled product in full
+        sampled = sum(op.flops_before - op.flops_after for op in report.ops)
+        report.flops["baseline"] = {"forward": flops.get("forward", 0), "backward": flops.get("backward", 0) + sampled}
+        if report.inductor_saved_bytes is None:  # no budget, no rewrite before: the same partition
+            report.inductor_saved_bytes = saved.activation_bytes
+        if "inductor" not in report.flops and "joint" in report.flops:
+            report.flops["inductor"] = dict(report.flops["joint"])
+        roots = plan_memory.saved_roots(saved)
+        for op in report.ops:
+            if op.input_saved_by_inductor and op.input_node not in roots and op.decision != plan_memory.MEMORY:
+                op.recomputed = True
+                op.reason += RECOMPUTED_NOTE
+    if report.wtacrs_saved_bytes is None:
+        report.wtacrs_saved_bytes = saved.activation_bytes
+        report.saved_tensors = dict(saved.activations)
+        report.flops["wtacrs"] = dict(flops)
 
 
 def _type_name(types) -> str:
@@ -171,11 +209,14 @@ class WTACRSJointPass(CustomGraphPass):
         # Before any partition (the planner's and the exact baseline's too): under a memory
         # budget torch's partitioner would otherwise redraw dropout in backward.
         report.random_ops_kept = keep_random_ops(graph)
+        # the default partition's FLOPs, counted before any rewrite, where no partition of
+        # this graph is measured for them (backward draws only, no budget)
+        report.flops["joint"] = joint_flops(graph)
         cache: dict = {}  # traced replacement subgraphs, reused across the planner's copies
         sites = self._analyse(graph)
         resolved = self._resolve(graph, sites)
         t = time.perf_counter()
-        self._live_rows(graph, resolved, cache)
+        inductor = self._live_rows(graph, resolved, cache)
         self._stage("live_rows", t)
         log.info(
             "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
@@ -184,7 +225,10 @@ class WTACRSJointPass(CustomGraphPass):
         )
         t = time.perf_counter()
         key = graph_key(graph, [self.static_input_indices, self.partitioner.key() if self.partitioner else None])
-        baseline = self._cached(("exact_baseline", key), lambda: self._exact_baseline(graph))
+        if any(resolved.settings[s.node].mode != "compute" for s in resolved.candidates):
+            baseline = self._cached(("exact_baseline", key), lambda: self._exact_baseline(graph))
+        else:
+            baseline = self._cached(("partition_settings", key), lambda: self._partition_settings(graph, inductor, resolved))
         self._stage("exact_baseline", t)
         outcome = self._plan_and_rewrite(graph, resolved, baseline, cache, key)
         final = outcome.final
@@ -193,11 +237,14 @@ class WTACRSJointPass(CustomGraphPass):
                 final = partition_saved(graph, self.static_input_indices)
             final = self._pack_masks(graph, final, cache)
 
-        report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
-        report.baseline_saved_bytes = baseline.saved.activation_bytes
-        report.baseline_saved_tensors = dict(baseline.saved.activations)
-        report.flops["baseline"] = fw_bw_flops(baseline.saved)
-        report.flops.setdefault("inductor", report.flops["baseline"])  # no budget: the same partition
+        if baseline.saved is not None:
+            report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
+            report.baseline_saved_bytes = baseline.saved.activation_bytes
+            report.baseline_saved_tensors = dict(baseline.saved.activations)
+            report.flops["baseline"] = fw_bw_flops(baseline.saved)
+            report.flops.setdefault("inductor", report.flops["baseline"])  # no budget: the same partition
+        else:  # read off the compiled graphs (complete_from_compiled)
+            report.inductor_saved_bytes = report.measurements.get("inductor")
         if final is not None:
             report.wtacrs_saved_bytes = final.activation_bytes
             report.saved_tensors = dict(final.activations)
@@ -214,13 +261,13 @@ class WTACRSJointPass(CustomGraphPass):
             sites += find_bmm_sites(graph, self.params)
         return sites
 
-    def _live_rows(self, graph: fx.Graph, resolved: Resolved, cache: dict) -> None:
+    def _live_rows(self, graph: fx.Graph, resolved: Resolved, cache: dict) -> Optional[SavedSet]:
         """Stage 2b: enabled ops whose output gradient has provably zero rows read only the
         others, exactly (``live_rows.py``); they leave the candidates.  Inductor's own
         partition is measured first, on the graph as it came: the report's "Inductor" figures
-        stay plain torch.compile's."""
+        stay plain torch.compile's.  Returns that partition (None when nothing was rewritten)."""
         if not self.config.live_rows:
-            return
+            return None
         enabled = [s for s in resolved.sites if resolved.settings[s.node].enabled]
         found = find_live_rows(graph, enabled)
         for name, rows in found.items():
@@ -230,21 +277,22 @@ class WTACRSJointPass(CustomGraphPass):
                 resolved.live[name] = rows
                 resolved.skipped.pop(name, None)
         if not resolved.live:
-            return
+            return None
         resolved.candidates = [s for s in resolved.candidates if s.node not in resolved.live]
         p = self.partitioner
         key = graph_key(graph, [self.static_input_indices, p.key() if p else None])
 
-        def measure_inductor() -> None:  # before the rewrite: plain torch.compile's figures
-            self._inductor_partition(graph)
+        def measure_inductor() -> SavedSet:  # before the rewrite: plain torch.compile's figures
+            return self._inductor_partition(graph)
 
-        self._cached(("inductor", key), measure_inductor)
+        inductor = self._cached(("inductor", key), measure_inductor)
         nodes = {n.name: n for n in graph.nodes}
         for site in resolved.sites:
             if site.node in resolved.live:
                 rewrite_with_live_rows(graph, nodes[site.node], site, resolved.live[site.node], cache)
         graph.eliminate_dead_code()
         log.info("wtacrs: graph %d: %d ops read only their live rows", self.graph_tag, len(resolved.live))
+        return inductor
 
     def _resolve(self, graph: fx.Graph, sites: List[MatmulSite]) -> Resolved:
         """Stage 2: each site's settings from the config's rules and in-code annotations;
@@ -315,8 +363,9 @@ class WTACRSJointPass(CustomGraphPass):
 
         candidates = resolved.candidates
         if not candidates:
-            self.report.measurements["baseline"] = baseline.saved.activation_bytes
-            return Outcome({}, plan_memory.Applied(), baseline.saved, set(), self._recomputed_inputs(resolved.sites, baseline))
+            if baseline.saved is not None:
+                self.report.measurements["baseline"] = baseline.saved.activation_bytes
+            return Outcome({}, plan_memory.Applied(), baseline.saved, set(), self._recomputed_inputs(resolved.sites, baseline), baseline.inductor_roots)
         log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
                  ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
         t = time.perf_counter()
@@ -350,7 +399,7 @@ class WTACRSJointPass(CustomGraphPass):
         # "all"; record where each remaining draw ran rather than assume it.
         saved_roots = plan_memory.saved_roots(final) if final is not None else set()
         drawn_in_backward = {site for site, name in applied.rows.items() if name not in saved_roots}
-        return Outcome(result.decisions, applied, final, drawn_in_backward, self._recomputed_inputs(resolved.sites, baseline))
+        return Outcome(result.decisions, applied, final, drawn_in_backward, self._recomputed_inputs(resolved.sites, baseline), baseline.inductor_roots)
 
     def _pack_masks(self, graph: fx.Graph, saved: SavedSet, cache: dict) -> SavedSet:
         """Stage 5 (opt-in): pack the boolean masks the partition saves; keep it only if the
@@ -444,6 +493,37 @@ class WTACRSJointPass(CustomGraphPass):
             p.restore_bans()
         return Baseline(baseline, inductor_roots)
 
+    def _partition_settings(self, graph: fx.Graph, inductor: Optional[SavedSet], resolved: Resolved) -> Baseline:
+        """Stage 3 when every candidate draws in backward.  Backward draws leave the forward,
+        and what it saves, as they are: the best exact partition is the one AOTAutograd runs
+        next on this graph, and the backend reads its figures off the compiled graphs
+        (:func:`complete_from_compiled`) instead of a trial partition here (two to four
+        min-cuts of the whole graph: a third of the pass's time on 12-layer BERT-base).
+
+        Left to decide first: the partitioner's settings.  Where torch's budget solver would
+        return the default partition (the parameters outweigh the activations) the
+        recomputation bans are lifted, as :meth:`_exact_baseline` does after measuring; here
+        it is told from Inductor's default partition (``inductor``: measured before an exact
+        live-rows rewrite, which only makes the last layer save less) by the solver's own rule
+        (``torch_internals.budget_solver_gives_up``)."""
+        p = self.partitioner
+        if p is None or p.budget >= 1.0:
+            return Baseline(None)
+        if inductor is None:
+            inductor = self._inductor_partition(graph)
+        if not p.relaxed and budget_solver_gives_up(saved_value_bytes(inductor), input_bytes(graph)):
+            p.relax_bans()
+            self.report.partitioner_note = (
+                f"torch's activation_memory_budget={p.budget:g} would return the default partition "
+                f"(the parameters outweigh the activations); recomputation bans lifted instead"
+            )
+        roots = plan_memory.saved_roots(inductor)
+        if resolved.live:  # partitioned before the live-rows rewrite: activations only live-rows
+            # ops read leave the saved set by that rewrite, not by recomputation
+            root = {s.node: s.x_key.split("|")[0] for s in resolved.sites}
+            roots -= {root[n] for n in resolved.live} - {root[n] for n in root if n not in resolved.live}
+        return Baseline(None, roots)
+
     def _inductor_partition(self, graph: fx.Graph) -> SavedSet:
         """Plain torch.compile's partition of ``graph``: the min-cut partitioner without the
         compile's memory budget.  Its bytes and FLOPs become the report's "Inductor" figures,
@@ -461,7 +541,7 @@ class WTACRSJointPass(CustomGraphPass):
         """Sites whose activation Inductor's default partition saves and the exact budgeted
         partition recomputes instead (no sampling needed for those bytes)."""
         inductor = baseline.inductor_roots
-        if not inductor:
+        if not inductor or baseline.saved is None:  # None: complete_from_compiled tells
             return set()
         exact = plan_memory.saved_roots(baseline.saved)
         # x_key is "<root node>|<view chain>"
@@ -508,7 +588,7 @@ class WTACRSJointPass(CustomGraphPass):
         flops_after = site.weight_grad_flops(k) if sampled and flops_before else flops_before
         recomputed = site.node in outcome.recomputed
         if recomputed and decision != plan_memory.MEMORY:
-            reason += "; its activation is recomputed exactly in backward (memory_budget), not saved"
+            reason += RECOMPUTED_NOTE
         if site.dynamic_n and decision != "exact":
             reason += (
                 f"; N = {site.x_shape[0]} is symbolic (bytes and k at the traced N = {n}): "
@@ -534,6 +614,8 @@ class WTACRSJointPass(CustomGraphPass):
             grad_norm_feedback=site.node in outcome.applied.feedback_sites,
             sample=outcome.applied.rows.get(site.node),
             recomputed=recomputed,
+            input_node=site.x_key.split("|")[0],
+            input_saved_by_inductor=site.x_key.split("|")[0] in outcome.inductor_roots,
             flops_before=flops_before,
             flops_after=flops_after,
         )

@@ -71,7 +71,7 @@ def saved_roots(saved: SavedSet) -> Set[str]:
 @dataclass
 class PlanResult:
     decisions: Dict[str, Decision]  # site node name -> decision
-    baseline: SavedSet
+    baseline: Optional[SavedSet]  # None: backward draws only, not partitioned here
     # the partition of the chosen plan (baseline if none); None when only backward draws were
     # planned: nothing was measured, the compiled graphs tell
     final: Optional[SavedSet] = None
@@ -113,7 +113,8 @@ def plan(
 
     ``apply(graph, {site: "memory"|"compute"})`` rewrites a graph copy; the planner never
     touches ``graph`` itself.  ``baseline``: the exact partition to measure against (the
-    best exact one: under the compile's memory budget); partitioned here when not given.
+    best exact one: under the compile's memory budget); partitioned here when not given and a
+    forward draw is to be measured against it.
     ``backward_draw_fails(site)``: why a backward draw cannot pay for itself at that site
     (``""`` when it can); such a site stays exact where it would be sampled in backward.
     """
@@ -140,9 +141,9 @@ def plan(
         log.debug("wtacrs: trial partition %d (%d sites rewritten): %d B saved", trials, len(assign), saved.activation_bytes)
         return saved
 
-    if baseline is None:
-        baseline = partition_saved(graph, static_input_indices)
-    result = PlanResult({}, baseline, measurements={"baseline": baseline.activation_bytes})
+    result = PlanResult({}, baseline)
+    if baseline is not None:
+        result.measurements["baseline"] = baseline.activation_bytes
     decisions = result.decisions
 
     forced = {s.node: MEMORY for s in candidates if modes[s.node] == "all"}
@@ -158,6 +159,9 @@ def plan(
         # the compiled graphs) instead of paying a trial partition for the report.
         result.final = measure(decisions_to_assign(decisions)) if forced else None
         return result
+    if baseline is None:
+        baseline = result.baseline = partition_saved(graph, static_input_indices)
+        result.measurements["baseline"] = baseline.activation_bytes
 
     # Sites reading one activation share a draw (one unit); units alike form a class.
     units: Dict[str, List[MatmulSite]] = {}
