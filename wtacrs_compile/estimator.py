@@ -21,12 +21,14 @@ The estimate ``sum_j w_j a_{:,idx_j} b_{idx_j,:}`` is unbiased for any ``p`` tha
 wherever a row contributes.  Every shape is static: always ``k`` indices, winners and draws are
 told apart by their weight, never by a data-dependent size.
 
-In the joint graph a draw is three parts: the scores and probabilities (traced ops, which
-Inductor fuses into the kernels that produce ``X`` and ``G``), the noise (one op, see
-``rng.py``) and ``wtacrs::draw``, one custom op from probabilities and noise to indices and
-weights (top-k, winner count, CDF, search).  That last part runs as eager ATen calls: traced,
-it made Inductor generate and compile C++ per draw site for work on N or k numbers.  Leading batch dimensions are
-supported (one draw per batch entry), which is how ``bmm`` samples per (batch, head).
+In the joint graph a forward draw is three parts: the scores and probabilities (traced ops,
+which Inductor fuses into the kernel that produces ``X``), the noise (one op, see ``rng.py``)
+and ``wtacrs::draw``, one custom op from probabilities and noise to indices and weights
+(top-k, winner count, CDF, search).  A backward draw is one op, ``wtacrs::backward_estimate``:
+norms, noise, draw, gathers and the smaller matmul.  Both run as eager ATen calls: traced,
+they made Inductor generate and compile C++ per draw site (``inline_draws=True`` still
+does).  Leading batch dimensions are supported (one draw per batch entry), which is how
+``bmm`` samples per (batch, head).
 """
 
 from __future__ import annotations

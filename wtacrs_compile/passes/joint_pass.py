@@ -225,7 +225,9 @@ class WTACRSJointPass(CustomGraphPass):
         )
         t = time.perf_counter()
         key = graph_key(graph, [self.static_input_indices, self.partitioner.key() if self.partitioner else None])
-        if any(resolved.settings[s.node].mode != "compute" for s in resolved.candidates):
+        # forward draws and packed masks change what the forward saves: measured against the
+        # exact partition; backward draws alone do not
+        if self.config.pack_masks or any(resolved.settings[s.node].mode != "compute" for s in resolved.candidates):
             baseline = self._cached(("exact_baseline", key), lambda: self._exact_baseline(graph))
         else:
             baseline = self._cached(("partition_settings", key), lambda: self._partition_settings(graph, inductor, resolved))
