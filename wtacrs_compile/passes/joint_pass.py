@@ -218,16 +218,19 @@ class WTACRSJointPass(CustomGraphPass):
         t = time.perf_counter()
         inductor = self._live_rows(graph, resolved, cache)
         self._stage("live_rows", t)
+        # forward draws and packed masks change what the forward saves: measured against the
+        # exact partition; backward draws alone do not
+        measured = self.config.pack_masks or any(resolved.settings[s.node].mode != "compute" for s in resolved.candidates)
+        budget = self.partitioner is not None and self.partitioner.budget < 1.0
         log.info(
-            "wtacrs: graph %d: %d matmul sites, %d candidates; exact baseline partition%s",
+            "wtacrs: graph %d: %d matmul sites, %d candidates; %s",
             self.graph_tag, len(sites), len(resolved.candidates),
-            "s (Inductor's, then under the memory budget)" if self.partitioner and self.partitioner.budget < 1.0 else "",
+            ("exact baseline partitions (Inductor's, then under the memory budget)" if budget else "exact baseline partition")
+            if measured else "Inductor's partition, for the budget's settings" if budget else "no partition of its own",
         )
         t = time.perf_counter()
         key = graph_key(graph, [self.static_input_indices, self.partitioner.key() if self.partitioner else None])
-        # forward draws and packed masks change what the forward saves: measured against the
-        # exact partition; backward draws alone do not
-        if self.config.pack_masks or any(resolved.settings[s.node].mode != "compute" for s in resolved.candidates):
+        if measured:
             baseline = self._cached(("exact_baseline", key), lambda: self._exact_baseline(graph))
         else:
             baseline = self._cached(("partition_settings", key), lambda: self._partition_settings(graph, inductor, resolved))
