@@ -7,7 +7,7 @@ import copy
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -422,13 +422,6 @@ off the partitioner recomputes cheap ops (views, pointwise, norms) wherever that
 and still never recomputes a matmul (``ban_recompute_not_in_allowlist`` stays on)."""
 
 
-MATERIALIZED_BAN = "ban_recompute_materialized_backward"
-"""The min-cut ban on recomputing a tensor whose backward reader is not fusible (it would be
-materialized in backward).  A backward draw's op reads its input in full in backward anyway,
-so the joint pass lifts this one ban for compiles with backward draws: a GeLU or LayerNorm
-output is recomputed for the draw instead of saved."""
-
-
 class PartitionerSettings:
     """The ``torch._functorch.config`` values one compile runs its partitions under.
 
@@ -442,45 +435,32 @@ class PartitionerSettings:
         self._config = functorch_config
         user = functorch_config.activation_memory_budget
         self.budget = user if memory_budget is None else min(float(memory_budget), user)
+        self.relaxed = False
         self._initial_bans = self.bans()
-        self.lifted: Set[str] = set()  # bans turned off for the rest of the compile
 
     def active(self):
         patch = {"activation_memory_budget": self.budget, "enable_autograd_cache": False}
         patch.update(self._initial_bans)
         return self._config.patch(**patch)
 
-    @property
-    def relaxed(self) -> bool:
-        """Whether the bans torch's budget solver lifts first are off (:meth:`relax_bans`)."""
-        return bool(self._initial_bans) and set(self._initial_bans) <= self.lifted
-
-    def lift(self, *bans: str) -> None:
-        """Turn the named bans off for the rest of the compile."""
-        for key in bans:
-            if key in self._initial_bans:
-                setattr(self._config, key, False)
-                self.lifted.add(key)
-
     def relax_bans(self) -> None:
-        self.lift(*_RELAXED_BANS)
+        for key in _RELAXED_BANS:
+            if hasattr(self._config, key):
+                setattr(self._config, key, False)
+        self.relaxed = True
 
     def restore_bans(self) -> None:
         for key, value in self._initial_bans.items():
             setattr(self._config, key, value)
-        self.lifted.clear()
+        self.relaxed = False
 
     def key(self) -> Tuple[Any, ...]:
         """What a partition under these settings depends on (for caching measurements)."""
-        return (self.budget, tuple(sorted(self._initial_bans.items())), tuple(sorted(self.lifted)))
+        return (self.budget, tuple(sorted(self._initial_bans.items())), self.relaxed)
 
     def bans(self) -> Dict[str, Any]:
         return {k: getattr(self._config, k) for k in _RELAXED_BANS if hasattr(self._config, k)}
 
-    def unbudgeted(self, current_bans: bool = False):
-        """Inductor's default partition, for the report's reference figure; with
-        ``current_bans``, the default partition under the bans as lifted now (what torch's
-        budget solver starts from in this compile)."""
-        if current_bans:
-            return self._config.patch(activation_memory_budget=1.0)
+    def unbudgeted(self):
+        """Inductor's default partition, for the report's reference figure."""
         return self._config.patch(activation_memory_budget=1.0, **self._initial_bans)

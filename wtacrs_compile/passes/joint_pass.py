@@ -37,7 +37,7 @@ from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..estimator import DrawSpec
 from ..graph_utils import (
-    MATERIALIZED_BAN, PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, joint_flops, partition_saved, saved_value_bytes,
+    PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, joint_flops, partition_saved, saved_value_bytes,
     traced_size,
 )
 from ..plan_cache import PlanCache, graph_key
@@ -334,12 +334,12 @@ class WTACRSJointPass(CustomGraphPass):
         report, p = self.report, self.partitioner
         hit = self.plans.get(key) if self.plans is not None else None
         if hit is not None:
-            value, measurements, flops, note, lifted = hit
+            value, measurements, flops, note, relaxed = hit
             report.measurements.update(measurements)
             report.flops.update(flops)
             report.partitioner_note = report.partitioner_note or note
-            if p is not None:
-                p.lift(*lifted)  # AOTAutograd's own partition must run under the same settings
+            if relaxed and p is not None and not p.relaxed:
+                p.relax_bans()  # AOTAutograd's own partition must run under the same settings
             report.reused.append(key[0])
             log.info("wtacrs: graph %d: %s reused from an earlier compile of the same graph", self.graph_tag, key[0])
             return value
@@ -351,7 +351,7 @@ class WTACRSJointPass(CustomGraphPass):
                 {k: v for k, v in report.measurements.items() if k not in before_m},
                 {k: v for k, v in report.flops.items() if k not in before_f},
                 report.partitioner_note,
-                tuple(sorted(p.lifted)) if p is not None else (),
+                bool(p is not None and p.relaxed),
             ))
         return value
 
@@ -505,42 +505,23 @@ class WTACRSJointPass(CustomGraphPass):
         (:func:`complete_from_compiled`) instead of a trial partition here (two to four
         min-cuts of the whole graph: a third of the pass's time on 12-layer BERT-base).
 
-        Left to decide first: the partitioner's settings.  With backward draws to make, the
-        ban on recomputing a tensor into a non-fusible backward reader is lifted
-        (``graph_utils.MATERIALIZED_BAN``): the draw's op reads its input in full there
-        anyway, and traced draws (fusible norms and gathers) had that recomputation for free.
-        Where torch's budget solver would return the default partition (the parameters
-        outweigh the activations) the recomputation bans are lifted, as
-        :meth:`_exact_baseline` does after measuring; here it is told by the solver's own rule
-        (``torch_internals.budget_solver_gives_up``) from the default partition it would start
-        from.  ``inductor``: plain Inductor's partition measured before an exact live-rows
-        rewrite (which only makes the last layer save less), the report's reference."""
+        Left to decide first: the partitioner's settings.  Where torch's budget solver would
+        return the default partition (the parameters outweigh the activations) the
+        recomputation bans are lifted, as :meth:`_exact_baseline` does after measuring; here
+        it is told from Inductor's default partition (``inductor``: measured before an exact
+        live-rows rewrite, which only makes the last layer save less) by the solver's own rule
+        (``torch_internals.budget_solver_gives_up``)."""
         p = self.partitioner
-        if p is None:
-            return Baseline(None)
-        notes = []
-        if resolved.candidates:
-            p.lift(MATERIALIZED_BAN)
-            notes.append(f"{MATERIALIZED_BAN} lifted: a backward draw reads its input in full in backward, "
-                         f"so that input is recomputed for it where the partition prefers")
-        if p.budget >= 1.0:
-            if p.lifted and inductor is None:  # the compiled partition is not plain Inductor's
-                self._inductor_partition(graph)
-            self.report.partitioner_note = "; ".join(notes)
+        if p is None or p.budget >= 1.0:
             return Baseline(None)
         if inductor is None:
             inductor = self._inductor_partition(graph)
-        default = inductor
-        if p.lifted:  # what torch's solver starts from under these bans
-            with p.unbudgeted(current_bans=True):
-                default = partition_saved(graph, self.static_input_indices)
-        if not p.relaxed and budget_solver_gives_up(saved_value_bytes(default), input_bytes(graph)):
+        if not p.relaxed and budget_solver_gives_up(saved_value_bytes(inductor), input_bytes(graph)):
             p.relax_bans()
-            notes.append(
+            self.report.partitioner_note = (
                 f"torch's activation_memory_budget={p.budget:g} would return the default partition "
                 f"(the parameters outweigh the activations); recomputation bans lifted instead"
             )
-        self.report.partitioner_note = "; ".join(notes)
         roots = plan_memory.saved_roots(inductor)
         if resolved.live:  # partitioned before the live-rows rewrite: activations only live-rows
             # ops read leave the saved set by that rewrite, not by recomputation
