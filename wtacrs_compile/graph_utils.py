@@ -351,21 +351,20 @@ class SavedSet:
         return sum(self.activations.values())
 
 
-def saved_value_bytes(saved: SavedSet) -> int:
-    """Bytes of every tensor a partition's backward takes from its forward: activations,
-    parameters and views of inputs alike (how torch's budget solver weighs a partition)."""
-    return sum(
-        tensor_nbytes(n.meta.get("val")) for n in saved.bw.graph.nodes
-        if n.op == "placeholder" and not n.target.startswith("tangents")
-    )
-
-
 def input_bytes(graph: fx.Graph) -> int:
-    """Bytes of a joint graph's primal inputs, parameters included."""
+    """Bytes of a graph's inputs other than tangents: a joint graph's primals, parameters
+    included."""
     return sum(
         tensor_nbytes(n.meta.get("val")) for n in graph.nodes
         if n.op == "placeholder" and not n.target.startswith("tangents")
     )
+
+
+def saved_value_bytes(saved: SavedSet) -> int:
+    """Bytes of every tensor a partition's backward takes from its forward (its backward
+    graph's inputs other than tangents): activations, parameters and views of inputs alike
+    (how torch's budget solver weighs a partition)."""
+    return input_bytes(saved.bw.graph)
 
 
 def num_fwd_outputs(graph: fx.Graph) -> int:

@@ -525,7 +525,7 @@ class WTACRSJointPass(CustomGraphPass):
         roots = plan_memory.saved_roots(inductor)
         if resolved.live:  # partitioned before the live-rows rewrite: activations only live-rows
             # ops read leave the saved set by that rewrite, not by recomputation
-            root = {s.node: s.x_key.split("|")[0] for s in resolved.sites}
+            root = {s.node: s.x_root for s in resolved.sites}
             roots -= {root[n] for n in resolved.live} - {root[n] for n in root if n not in resolved.live}
         return Baseline(None, roots)
 
@@ -549,8 +549,7 @@ class WTACRSJointPass(CustomGraphPass):
         if not inductor or baseline.saved is None:  # None: complete_from_compiled tells
             return set()
         exact = plan_memory.saved_roots(baseline.saved)
-        # x_key is "<root node>|<view chain>"
-        return {s.node for s in sites if s.x_key.split("|")[0] in inductor - exact}
+        return {s.node for s in sites if s.x_root in inductor - exact}
 
     def _record(self, site: MatmulSite, resolved: Resolved, outcome: Outcome) -> OpRecord:
         """Stage 6: the site's report record."""
@@ -619,8 +618,8 @@ class WTACRSJointPass(CustomGraphPass):
             grad_norm_feedback=site.node in outcome.applied.feedback_sites,
             sample=outcome.applied.rows.get(site.node),
             recomputed=recomputed,
-            input_node=site.x_key.split("|")[0],
-            input_saved_by_inductor=site.x_key.split("|")[0] in outcome.inductor_roots,
+            input_node=site.x_root,
+            input_saved_by_inductor=site.x_root in outcome.inductor_roots,
             flops_before=flops_before,
             flops_after=flops_after,
         )

@@ -60,6 +60,11 @@ class MatmulSite:
     # N is symbolic (dynamic shapes): ``n`` is -1 and k is a SymInt following N at run time
     dynamic_n: bool = False
 
+    @property
+    def x_root(self) -> str:
+        """The forward node X comes from, through views (``x_key`` is ``"<root>|<views>"``)."""
+        return self.x_key.split("|")[0]
+
     def x_bytes(self, rows: int) -> int:
         """Bytes of ``rows`` of the N rows of X (per batch entry, times the batch); 0 where a
         size is unknown."""

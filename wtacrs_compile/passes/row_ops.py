@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 import torch.fx as fx
 
 from ..estimator import as_rows, product, take_rows, weighted_rows  # noqa: F401 (the rewriters' tensor functions)
