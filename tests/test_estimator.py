@@ -231,18 +231,29 @@ def _exact_product(x, g, x_t, g_t, x_first):
     return xr.transpose(-1, -2) @ gr if x_first else gr.transpose(-1, -2) @ xr
 
 
+def _backward_estimate(x, g, k, x_t, g_t, x_first, systematic=True):
+    """A backward draw as the rewrite traces it by default: X's side traced, G's side the
+    ``wtacrs::gradient_draw`` op."""
+    from wtacrs_compile.estimator import backward_estimate
+
+    return backward_estimate(x, g, k, x_t, g_t, "a" if x_first else "b",
+                             sampling="systematic" if systematic else "iid", inline=False)
+
+
 @pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
-def test_backward_estimate_op_is_exact_at_k_equal_n_and_checks(xs, gs, x_t, g_t, x_first):
-    """``wtacrs::backward_estimate`` (the backward draw as one op): the product of the exact
-    operands when it keeps every row, and torch's schema and fake-tensor checks (its random
+def test_backward_estimate_is_exact_at_k_equal_n_and_its_op_checks(xs, gs, x_t, g_t, x_first):
+    """A backward draw keeping every row is the product of the exact operands; the
+    ``wtacrs::gradient_draw`` op passes torch's schema and fake-tensor checks (its random
     output cannot pass opcheck's eager-vs-traced comparison)."""
+    from wtacrs_compile.estimator import row_norms
+
     g0 = torch.Generator().manual_seed(0)
     x, g = torch.randn(xs, generator=g0), torch.randn(gs, generator=g0)
     n = x.shape[-1] if x_t else x.shape[-2]
-    out = torch.ops.wtacrs.backward_estimate(x, g, n, x_t, g_t, x_first, True, -1.0, True)
-    torch.testing.assert_close(out, _exact_product(x, g, x_t, g_t, x_first))
+    torch.testing.assert_close(_backward_estimate(x, g, n, x_t, g_t, x_first), _exact_product(x, g, x_t, g_t, x_first))
+    x_norms = row_norms(x.transpose(-1, -2) if x_t else x)
     results = torch.library.opcheck(
-        torch.ops.wtacrs.backward_estimate.default, (x, g, n // 3, x_t, g_t, x_first, True, -1.0, True),
+        torch.ops.wtacrs.gradient_draw.default, (x_norms, g, n // 3, g_t, True, -1.0, True),
         test_utils=("test_schema", "test_faketensor"),
     )
     assert set(results.values()) == {"SUCCESS"}, results
@@ -250,8 +261,8 @@ def test_backward_estimate_op_is_exact_at_k_equal_n_and_checks(xs, gs, x_t, g_t,
 
 @pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
 @pytest.mark.parametrize("systematic", [True, False])
-def test_backward_estimate_op_is_unbiased(xs, gs, x_t, g_t, x_first, systematic):
-    """The op at k = 0.3 N, heavy-tailed rows: the mean of 800 draws is within the
+def test_backward_estimate_is_unbiased(xs, gs, x_t, g_t, x_first, systematic):
+    """The backward draw at k = 0.3 N, heavy-tailed rows: the mean of 800 draws is within the
     statistical bound of the exact product."""
     g0 = torch.Generator().manual_seed(1)
     x = torch.randn(xs, generator=g0, dtype=torch.float64)
@@ -261,16 +272,14 @@ def test_backward_estimate_op_is_unbiased(xs, gs, x_t, g_t, x_first, systematic)
     g = g * (heavy[:, None] if not g_t else heavy)
     k = math.ceil(0.3 * n)
     torch.manual_seed(3)
-    draws = torch.stack([
-        torch.ops.wtacrs.backward_estimate(x, g, k, x_t, g_t, x_first, True, -1.0, systematic) for _ in range(800)
-    ])
+    draws = torch.stack([_backward_estimate(x, g, k, x_t, g_t, x_first, systematic) for _ in range(800)])
     assert_unbiased(draws, _exact_product(x, g, x_t, g_t, x_first))
 
 
-def test_backward_estimate_op_counts_the_smaller_matmul():
+def test_backward_estimate_does_the_smaller_matmul():
     from torch.utils.flop_counter import FlopCounterMode
 
     x, g = torch.randn(200, 12), torch.randn(200, 7)
     with FlopCounterMode(display=False) as counter:
-        torch.ops.wtacrs.backward_estimate(x, g, 60, False, False, False, True, -1.0, True)
+        _backward_estimate(x, g, 60, False, False, False)
     assert counter.get_total_flops() == 2 * 60 * 12 * 7

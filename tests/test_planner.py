@@ -119,10 +119,7 @@ def weight_grad_flops(gm):
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (aten.mm.default,):
             a, b = (arg.meta["val"] for arg in node.args[:2])
-            flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        elif node.op == "call_function" and node.target == torch.ops.wtacrs.backward_estimate.default:
-            k, out = node.args[2], node.meta["val"]  # the product over k drawn rows
-            flops += 2 * k * out.shape[0] * out.shape[1]
+            flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]  # a drawn product too: (d, k) x (k, d')
     return flops
 
 

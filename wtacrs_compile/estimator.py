@@ -39,7 +39,6 @@ from typing import Any, Callable, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from .config import SAMPLINGS
 from . import rng
@@ -228,7 +227,54 @@ def product(gs: Tensor, xs: Tensor, x_side: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# The backward estimate as one op.
+# The backward estimate: X's side traced, G's side one op.
+
+
+def _eager_row_norms(x: Tensor) -> Tensor:
+    """:func:`row_norms` in one pass, for eager code (no float32 copy, no squared temporary);
+    accumulated in float32 at least, returned in float32."""
+    upcast = torch.float32 if x.dtype.itemsize < 4 else None
+    return torch.linalg.vector_norm(x, dim=-1, dtype=upcast).float()
+
+
+def gradient_draw(
+    x_norms: Tensor,
+    g_rows: Tensor,
+    k: int,
+    deterministic: DeterministicT = "adaptive",
+    sampling: str = "systematic",
+    inline: bool = True,
+    norms: Callable[[Tensor], Tensor] = row_norms,
+) -> Tuple[Tensor, Tensor]:
+    """G's side of a backward draw: from X's row norms ``(*B, N)`` and G's rows
+    ``(*B, N, d_g)``, ``k`` row indices drawn with ``p ∝ ||x_i|| ||g_i||`` from the draws'
+    own stream (:func:`rng.uniform`) and those rows of G scaled by their weights."""
+    idx, w = wtacrs_sample(x_norms * norms(g_rows), k, deterministic, sampling, rng.uniform, inline)
+    return idx, weighted_rows(g_rows, idx, w)
+
+
+@torch.library.custom_op("wtacrs::gradient_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _gradient_draw(
+    x_norms: Tensor, g: Tensor, k: int, g_t: bool, adaptive: bool, fraction: float, systematic: bool,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`gradient_draw` as one graph op, the backward draws' default form: G's norms,
+    the noise, the draw and G's weighted rows as eager ATen calls (``g_t``: G given
+    transposed).  X's side stays traced (:func:`backward_estimate`): its norms and its k
+    rows are a reduction and a gather that Inductor fuses into X's producer, so the
+    partitioner may still recompute X (a GeLU or LayerNorm output) instead of saving it;
+    an op's inputs are materialized, and the min-cut then keeps them saved.  Tagged random:
+    its noise comes from the draws' stream, so it is never merged or replayed."""
+    return gradient_draw(
+        x_norms, as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
+        "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
+    )
+
+
+@_gradient_draw.register_fake
+def _(x_norms, g, k, g_t, adaptive, fraction, systematic):
+    rows = as_rows(g, g_t)
+    shape = (*rows.shape[:-2], k)
+    return rows.new_empty(shape, dtype=torch.int64), rows.new_empty((*shape, rows.shape[-1]))
 
 
 def backward_estimate(
@@ -240,54 +286,24 @@ def backward_estimate(
     x_side: str,
     deterministic: DeterministicT = "adaptive",
     sampling: str = "systematic",
-    inline: bool = True,
-    norms: Callable[[Tensor], Tensor] = row_norms,
+    inline: bool = False,
 ) -> Tensor:
     """A weight gradient drawn in backward: the site's product over ``k`` rows drawn with
-    ``p ∝ ||x_i|| ||g_i||`` from the draws' own stream (:func:`rng.uniform`), G's rows scaled
-    by their weights.  ``x_t``/``g_t``: the operand is given transposed (``d x N``);
-    ``x_side``: ``"a"`` for ``X^T G``, ``"b"`` for ``G^T X``."""
-    xr, gr = as_rows(x, x_t), as_rows(g, g_t)
-    idx, w = wtacrs_sample(norms(xr) * norms(gr), k, deterministic, sampling, rng.uniform, inline)
-    return product(weighted_rows(gr, idx, w), take_rows(xr, idx), x_side)
+    ``p ∝ ||x_i|| ||g_i||``, G's rows scaled by their weights.  ``x_t``/``g_t``: the operand
+    is given transposed (``d x N``); ``x_side``: ``"a"`` for ``X^T G``, ``"b"`` for ``G^T X``.
 
-
-def _eager_row_norms(x: Tensor) -> Tensor:
-    """:func:`row_norms` in one pass, for eager code (no float32 copy, no squared temporary);
-    accumulated in float32 at least, returned in float32."""
-    upcast = torch.float32 if x.dtype.itemsize < 4 else None
-    return torch.linalg.vector_norm(x, dim=-1, dtype=upcast).float()
-
-
-@torch.library.custom_op("wtacrs::backward_estimate", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _backward_estimate(
-    x: Tensor, g: Tensor, k: int, x_t: bool, g_t: bool, x_first: bool,
-    adaptive: bool, fraction: float, systematic: bool,
-) -> Tensor:
-    """:func:`backward_estimate` as one graph op, the backward draws' default form.  Traced,
-    each draw site had Inductor generate and compile C++ for its norms, gathers and scaling
-    (about 4 kernels a site; ``results/compile_time-bert-base.json``); as one op it
-    runs as eager ATen calls (two norms, the draw, two gathers, the smaller matmul).  Tagged
-    random: its noise comes from the draws' stream, so it is never merged or replayed."""
-    return backward_estimate(
-        x, g, k, x_t, g_t, "a" if x_first else "b", "adaptive" if adaptive else fraction,
-        "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
-    )
-
-
-@_backward_estimate.register_fake
-def _(x, g, k, x_t, g_t, x_first, adaptive, fraction, systematic):
-    dx = x.shape[-2] if x_t else x.shape[-1]
-    dg = g.shape[-2] if g_t else g.shape[-1]
-    shape = (*x.shape[:-2], dx, dg) if x_first else (*x.shape[:-2], dg, dx)
-    return x.new_empty(shape, dtype=torch.promote_types(x.dtype, g.dtype))
-
-
-@register_flop_formula(torch.ops.wtacrs.backward_estimate)
-def _backward_estimate_flops(x_shape, g_shape, k, *args, out_shape=None, **kwargs) -> int:
-    """The smaller matmul's FLOPs (2 k d_x d_g per batch entry); the norms and gathers are
-    not matmul-class work, as FlopCounterMode counts."""
-    return 2 * k * math.prod(out_shape)
+    X's norms, X's k rows and the product are traced ops; G's side is one op,
+    ``wtacrs::gradient_draw`` (:func:`gradient_draw` traced in with ``inline``)."""
+    xr = as_rows(x, x_t)
+    x_norms = row_norms(xr)
+    if inline:
+        idx, gs = gradient_draw(x_norms, as_rows(g, g_t), k, deterministic, sampling, inline=True)
+    else:
+        adaptive = deterministic == "adaptive"
+        idx, gs = torch.ops.wtacrs.gradient_draw(
+            x_norms, g, k, g_t, adaptive, -1.0 if adaptive else float(deterministic), sampling == "systematic"
+        )
+    return product(gs, take_rows(xr, idx), x_side)
 
 
 def sampled_matmul_reference(

@@ -114,21 +114,15 @@ def rewrite_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``; a
-    ``bmm`` site draws per batch entry.  One ``wtacrs::backward_estimate`` op (eager ATen
-    calls at run time, nothing for Inductor to generate), or with ``inline_draws`` its ops
-    traced in (``estimator.backward_estimate``)."""
+    ``bmm`` site draws per batch entry.  X's norms and k rows are traced (Inductor fuses them
+    into X's producer, which the partitioner may then recompute), G's side is one
+    ``wtacrs::gradient_draw`` op (eager ATen calls at run time), or with ``inline_draws``
+    traced in too (``estimator.backward_estimate``)."""
     x, x_t, g, g_t = (bmm_operands if site.kind == "bmm" else mm_operands)(node, site)
-    deterministic, sampling = draw.deterministic, draw.sampling
 
     def estimate(x_in, g_in):
         k = draw.k_of(as_rows(x_in, x_t).shape[-2])
-        if draw.inline:  # traced ops, for Inductor to generate code for
-            return backward_estimate(x_in, g_in, k, x_t, g_t, site.x_side, deterministic, sampling, inline=True)
-        adaptive = deterministic == "adaptive"
-        return torch.ops.wtacrs.backward_estimate(
-            x_in, g_in, k, x_t, g_t, site.x_side == "a", adaptive, -1.0 if adaptive else float(deterministic),
-            sampling == "systematic",
-        )
+        return backward_estimate(x_in, g_in, k, x_t, g_t, site.x_side, draw.deterministic, draw.sampling, draw.inline)
 
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw))
     replace_with_estimate(graph, node, sub, [x, g])
