@@ -379,12 +379,13 @@ class WTACRSConfig:
         matmuls run at ~280 GFLOP/s, the draws' reads cost roughly 0.07-0.13 ns per element,
         20-40 FLOPs' worth); it keeps rank-8 LoRA products and small per-head ``bmm``
         products exact and samples every linear of BERT-style models.  0 samples every op.
-    inline_draws: each backward draw is one op, ``wtacrs::backward_estimate`` (norms, the
-        draw, gathers and the smaller matmul as eager ATen calls), and each forward draw's
-        top-k-to-indices part one op, ``wtacrs::draw``; ``True`` traces them into the graph
-        for Inductor to generate code for: no per-draw dispatch at run time (fewer launches
-        on a GPU, not measured yet) for longer compiles (traced, ~4 generated kernels per
-        backward draw site; ``results/compile_time-bert-base.json``).
+    inline_draws: G's side of each backward draw is one op, ``wtacrs::gradient_draw`` (G's
+        norms, the draw and G's weighted rows as eager ATen calls; X's norms and rows are
+        traced, so the partitioner may recompute X inside those kernels), and each forward
+        draw's top-k-to-indices part one op, ``wtacrs::draw``; ``True`` traces them into the
+        graph for Inductor to generate code for: no per-draw dispatch at run time (fewer
+        launches on a GPU, not measured yet) for longer compiles (``compile_seconds`` in the
+        reports; ``results/compile_time-bert-base.json``).
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward

@@ -24,10 +24,12 @@ told apart by their weight, never by a data-dependent size.
 In the joint graph a forward draw is three parts: the scores and probabilities (traced ops,
 which Inductor fuses into the kernel that produces ``X``), the noise (one op, see ``rng.py``)
 and ``wtacrs::draw``, one custom op from probabilities and noise to indices and weights
-(top-k, winner count, CDF, search).  A backward draw is one op, ``wtacrs::backward_estimate``:
-norms, noise, draw, gathers and the smaller matmul.  Both run as eager ATen calls: traced,
-they made Inductor generate and compile C++ per draw site (``inline_draws=True`` still
-does).  Leading batch dimensions are supported (one draw per batch entry), which is how
+(top-k, winner count, CDF, search).  A backward draw traces X's side (X's row norms, its k
+rows, the smaller matmul: Inductor fuses the first two into the kernel that produces X, so
+the partitioner may recompute X rather than save it) and makes G's side one op,
+``wtacrs::gradient_draw`` (G's norms, noise, draw, G's weighted rows).  The ops run as eager
+ATen calls: traced, they made Inductor generate and compile C++ per draw site
+(``inline_draws=True`` still does).  Leading batch dimensions are supported (one draw per batch entry), which is how
 ``bmm`` samples per (batch, head).
 """
 
