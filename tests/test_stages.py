@@ -89,6 +89,26 @@ def test_inline_draws_trace_the_draw_into_the_graph(joint):
     assert count(graph, aten.mm.default) == 3
 
 
+@pytest.mark.parametrize("inline_draws", [False, True])
+def test_backward_draws_leave_their_input_recomputable(inline_draws):
+    """A backward draw reads X only through a row-norm reduction and a gather (G's side is
+    the op): the partitioner may recompute X inside those kernels.  Exact, the second
+    linear's weight gradient (an ``mm``, materialized) makes it save the GeLU output beside
+    the GeLU input its own backward needs; with the draw it saves the input only."""
+    from wtacrs_compile.graph_utils import partition_saved
+
+    torch.manual_seed(0)
+    gelu = capture_joint(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)), torch.randn(128, 64))
+    graph, jp, sites, resolved, outcome = planned(gelu, memory_budget=None, inline_draws=inline_draws)
+    assert {d.decision for d in outcome.decisions.values()} == {"compute"}
+    with compiling(jp, graph):
+        exact = partition_saved(gelu.graph(), jp.static_input_indices).activations  # Inductor's
+        drawn = partition_saved(graph, jp.static_input_indices).activations
+    x = next(s.x_root for s in sites if s.d == 256)  # the GeLU output (decomposed: a mul)
+    assert exact == {"addmm": 128 * 256 * 4, x: 128 * 256 * 4}
+    assert drawn == {"addmm": 128 * 256 * 4}
+
+
 def test_the_draw_op_is_the_inline_draw():
     from wtacrs_compile.estimator import draw_rows, probabilities
 
