@@ -231,37 +231,43 @@ def _exact_product(x, g, x_t, g_t, x_first):
     return xr.transpose(-1, -2) @ gr if x_first else gr.transpose(-1, -2) @ xr
 
 
-def _backward_estimate(x, g, k, x_t, g_t, x_first, systematic=True):
-    """A backward draw as the rewrite traces it by default: X's side traced, G's side the
-    ``wtacrs::gradient_draw`` op."""
+def _backward_estimate(x, g, k, x_t, g_t, x_first, systematic=True, trace_x=True):
+    """A backward draw as the rewrite traces it: X's side traced and G's side the
+    ``wtacrs::gradient_draw`` op (``trace_x``), or the whole estimate one
+    ``wtacrs::backward_estimate`` op."""
     from wtacrs_compile.estimator import backward_estimate
 
     return backward_estimate(x, g, k, x_t, g_t, "a" if x_first else "b",
-                             sampling="systematic" if systematic else "iid", inline=False)
+                             sampling="systematic" if systematic else "iid", inline=False, trace_x=trace_x)
 
 
 @pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
-def test_backward_estimate_is_exact_at_k_equal_n_and_its_op_checks(xs, gs, x_t, g_t, x_first):
-    """A backward draw keeping every row is the product of the exact operands; the
-    ``wtacrs::gradient_draw`` op passes torch's schema and fake-tensor checks (its random
-    output cannot pass opcheck's eager-vs-traced comparison)."""
+def test_backward_estimate_is_exact_at_k_equal_n_and_its_ops_check(xs, gs, x_t, g_t, x_first):
+    """A backward draw keeping every row is the product of the exact operands, in both
+    forms; ``wtacrs::gradient_draw`` and ``wtacrs::backward_estimate`` pass torch's schema
+    and fake-tensor checks (their random output cannot pass opcheck's eager-vs-traced
+    comparison)."""
     from wtacrs_compile.estimator import row_norms
 
     g0 = torch.Generator().manual_seed(0)
     x, g = torch.randn(xs, generator=g0), torch.randn(gs, generator=g0)
     n = x.shape[-1] if x_t else x.shape[-2]
-    torch.testing.assert_close(_backward_estimate(x, g, n, x_t, g_t, x_first), _exact_product(x, g, x_t, g_t, x_first))
+    for trace_x in (True, False):
+        torch.testing.assert_close(
+            _backward_estimate(x, g, n, x_t, g_t, x_first, trace_x=trace_x), _exact_product(x, g, x_t, g_t, x_first)
+        )
     x_norms = row_norms(x.transpose(-1, -2) if x_t else x)
-    results = torch.library.opcheck(
-        torch.ops.wtacrs.gradient_draw.default, (x_norms, g, n // 3, g_t, True, -1.0, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )
-    assert set(results.values()) == {"SUCCESS"}, results
+    for op, args in (
+        (torch.ops.wtacrs.gradient_draw.default, (x_norms, g, n // 3, g_t, True, -1.0, True)),
+        (torch.ops.wtacrs.backward_estimate.default, (x, g, n // 3, x_t, g_t, x_first, True, -1.0, True)),
+    ):
+        results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 @pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
-@pytest.mark.parametrize("systematic", [True, False])
-def test_backward_estimate_is_unbiased(xs, gs, x_t, g_t, x_first, systematic):
+@pytest.mark.parametrize("systematic, trace_x", [(True, True), (False, True), (True, False)])
+def test_backward_estimate_is_unbiased(xs, gs, x_t, g_t, x_first, systematic, trace_x):
     """The backward draw at k = 0.3 N, heavy-tailed rows: the mean of 800 draws is within the
     statistical bound of the exact product."""
     g0 = torch.Generator().manual_seed(1)
@@ -272,7 +278,7 @@ def test_backward_estimate_is_unbiased(xs, gs, x_t, g_t, x_first, systematic):
     g = g * (heavy[:, None] if not g_t else heavy)
     k = math.ceil(0.3 * n)
     torch.manual_seed(3)
-    draws = torch.stack([_backward_estimate(x, g, k, x_t, g_t, x_first, systematic) for _ in range(800)])
+    draws = torch.stack([_backward_estimate(x, g, k, x_t, g_t, x_first, systematic, trace_x) for _ in range(800)])
     assert_unbiased(draws, _exact_product(x, g, x_t, g_t, x_first))
 
 
@@ -280,6 +286,7 @@ def test_backward_estimate_does_the_smaller_matmul():
     from torch.utils.flop_counter import FlopCounterMode
 
     x, g = torch.randn(200, 12), torch.randn(200, 7)
-    with FlopCounterMode(display=False) as counter:
-        _backward_estimate(x, g, 60, False, False, False)
-    assert counter.get_total_flops() == 2 * 60 * 12 * 7
+    for trace_x in (True, False):  # a traced mm, or the op's registered formula
+        with FlopCounterMode(display=False) as counter:
+            _backward_estimate(x, g, 60, False, False, False, trace_x=trace_x)
+        assert counter.get_total_flops() == 2 * 60 * 12 * 7

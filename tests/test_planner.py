@@ -120,6 +120,9 @@ def weight_grad_flops(gm):
         if node.op == "call_function" and node.target in (aten.mm.default,):
             a, b = (arg.meta["val"] for arg in node.args[:2])
             flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]  # a drawn product too: (d, k) x (k, d')
+        elif node.op == "call_function" and node.target == torch.ops.wtacrs.backward_estimate.default:
+            k, out = node.args[2], node.meta["val"]  # the whole estimate as one op: over k rows
+            flops += 2 * k * out.shape[0] * out.shape[1]
     return flops
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .config import SAMPLINGS
 from . import rng
@@ -289,23 +290,61 @@ def backward_estimate(
     deterministic: DeterministicT = "adaptive",
     sampling: str = "systematic",
     inline: bool = False,
+    trace_x: bool = True,
 ) -> Tensor:
     """A weight gradient drawn in backward: the site's product over ``k`` rows drawn with
     ``p ∝ ||x_i|| ||g_i||``, G's rows scaled by their weights.  ``x_t``/``g_t``: the operand
     is given transposed (``d x N``); ``x_side``: ``"a"`` for ``X^T G``, ``"b"`` for ``G^T X``.
 
-    X's norms, X's k rows and the product are traced ops; G's side is one op,
-    ``wtacrs::gradient_draw`` (:func:`gradient_draw` traced in with ``inline``)."""
+    ``trace_x`` (or ``inline``): X's norms, X's k rows and the product are traced ops and G's
+    side is one op, ``wtacrs::gradient_draw`` (traced in too with ``inline``).  Otherwise the
+    whole estimate is one op, ``wtacrs::backward_estimate``: for an X nothing could recompute
+    (a graph input, a matmul's output), whose traced norms and gather would only cost
+    Inductor two more kernels to compile."""
+    adaptive = deterministic == "adaptive"
+    fraction = -1.0 if adaptive else float(deterministic)
+    systematic = sampling == "systematic"
+    if not (trace_x or inline):
+        return torch.ops.wtacrs.backward_estimate(x, g, k, x_t, g_t, x_side == "a", adaptive, fraction, systematic)
     xr = as_rows(x, x_t)
     x_norms = row_norms(xr)
     if inline:
         idx, gs = gradient_draw(x_norms, as_rows(g, g_t), k, deterministic, sampling, inline=True)
     else:
-        adaptive = deterministic == "adaptive"
-        idx, gs = torch.ops.wtacrs.gradient_draw(
-            x_norms, g, k, g_t, adaptive, -1.0 if adaptive else float(deterministic), sampling == "systematic"
-        )
+        idx, gs = torch.ops.wtacrs.gradient_draw(x_norms, g, k, g_t, adaptive, fraction, systematic)
     return product(gs, take_rows(xr, idx), x_side)
+
+
+@torch.library.custom_op("wtacrs::backward_estimate", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _backward_estimate(
+    x: Tensor, g: Tensor, k: int, x_t: bool, g_t: bool, x_first: bool,
+    adaptive: bool, fraction: float, systematic: bool,
+) -> Tensor:
+    """:func:`backward_estimate` as one graph op, for draws whose X is not recomputable: X's
+    norms, then :func:`gradient_draw`, X's k rows and the smaller matmul, as eager ATen
+    calls.  Tagged random: its noise comes from the draws' stream, so it is never merged or
+    replayed."""
+    xr = as_rows(x, x_t)
+    idx, gs = gradient_draw(
+        _eager_row_norms(xr), as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
+        "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
+    )
+    return product(gs, take_rows(xr, idx), "a" if x_first else "b")
+
+
+@_backward_estimate.register_fake
+def _(x, g, k, x_t, g_t, x_first, adaptive, fraction, systematic):
+    dx = x.shape[-2] if x_t else x.shape[-1]
+    dg = g.shape[-2] if g_t else g.shape[-1]
+    shape = (*x.shape[:-2], dx, dg) if x_first else (*x.shape[:-2], dg, dx)
+    return x.new_empty(shape, dtype=torch.promote_types(x.dtype, g.dtype))
+
+
+@register_flop_formula(torch.ops.wtacrs.backward_estimate)
+def _backward_estimate_flops(x_shape, g_shape, k, *args, out_shape=None, **kwargs) -> int:
+    """The smaller matmul's FLOPs (2 k d_x d_g per batch entry); the norms and gathers are
+    not matmul-class work, as FlopCounterMode counts."""
+    return 2 * k * math.prod(out_shape)
 
 
 def sampled_matmul_reference(

@@ -132,6 +132,21 @@ def strip_views(node: fx.Node) -> fx.Node:
             return node
 
 
+_MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+_COPIES = (aten.clone.default, aten._to_copy.default)
+
+
+def recomputable(node: fx.Node) -> bool:
+    """Whether the partitioner could recompute ``node`` (through views and copies) cheaply
+    in backward instead of saving it: False for a graph input (kept anyway) and for a
+    matmul's output (recomputing it is a matmul), True for what a pointwise or normalising
+    op makes (GeLU, LayerNorm, dropout outputs)."""
+    node = strip_views(node)
+    while is_call(node, *_COPIES):
+        node = strip_views(node.args[0])
+    return node.op == "call_function" and not is_call(node, *_MATMULS)
+
+
 def transposed_source(node: fx.Node) -> Optional[fx.Node]:
     """``x`` when ``node`` is ``permute(x, [1, 0])`` or ``t(x)``; else None."""
     if is_call(node, aten.t.default):

@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from ..estimator import DrawSpec, backward_estimate, row_norms
 from ..torch_internals import replayable_uniform
-from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
+from ..graph_utils import fake_mode_of, insert_forward_draw, recomputable, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
 from .row_ops import as_rows, bmm_operands, mm_operands, product
 
@@ -114,15 +114,22 @@ def rewrite_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``; a
-    ``bmm`` site draws per batch entry.  X's norms and k rows are traced (Inductor fuses them
-    into X's producer, which the partitioner may then recompute), G's side is one
-    ``wtacrs::gradient_draw`` op (eager ATen calls at run time), or with ``inline_draws``
-    traced in too (``estimator.backward_estimate``)."""
+    ``bmm`` site draws per batch entry.  Where X could be recomputed in backward (a GeLU,
+    LayerNorm or dropout output: :func:`~wtacrs_compile.graph_utils.recomputable`), X's norms
+    and k rows are traced (Inductor fuses them into X's producer, which the partitioner may
+    then recompute instead of saving X) and G's side is one ``wtacrs::gradient_draw`` op;
+    elsewhere (X a graph input or a matmul's output) the whole estimate is one
+    ``wtacrs::backward_estimate`` op, which costs Inductor no kernels to compile.  Both run
+    as eager ATen calls; ``inline_draws`` traces everything (``estimator.backward_estimate``)."""
     x, x_t, g, g_t = (bmm_operands if site.kind == "bmm" else mm_operands)(node, site)
+    trace_x = recomputable(x)
 
     def estimate(x_in, g_in):
         k = draw.k_of(as_rows(x_in, x_t).shape[-2])
-        return backward_estimate(x_in, g_in, k, x_t, g_t, site.x_side, draw.deterministic, draw.sampling, draw.inline)
+        return backward_estimate(
+            x_in, g_in, k, x_t, g_t, site.x_side, draw.deterministic, draw.sampling, draw.inline, trace_x
+        )
 
-    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw))
+    key = ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw, trace_x)
+    sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
     replace_with_estimate(graph, node, sub, [x, g])
