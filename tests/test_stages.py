@@ -113,6 +113,26 @@ def test_backward_draws_leave_their_input_recomputable(inline_draws):
     assert drawn == {"addmm": 128 * 256 * 4}
 
 
+def test_recomputable_tells_which_inputs_a_traced_draw_could_recompute():
+    """X's side of a backward draw is traced only where the partitioner could recompute X
+    cheaply: a GeLU output yes; a dropout output (its mask redrawn over every element), the
+    graph's input and a linear's output (a matmul) no."""
+    from wtacrs_compile.graph_utils import recomputable
+    from wtacrs_compile.passes.row_ops import mm_operands
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 64), nn.GELU(),
+                          nn.Linear(64, 64), nn.Linear(64, 64))
+    joint = capture_joint(model, torch.randn(128, 64))
+    graph = joint.graph()
+    sites = joint.joint_pass(memory_budget=None)._analyse(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    traced = [s.x_root for s in sites if recomputable(mm_operands(nodes[s.node], s)[0])]
+    assert len(sites) == 4 and len(traced) == 1
+    gelu_out = nodes[traced[0]]  # x * 0.5 * (1 + erf(x / sqrt 2)), decomposed
+    assert any(a.target is aten.erf.default for b in gelu_out.all_input_nodes for a in b.all_input_nodes)
+
+
 def test_the_draw_op_is_the_inline_draw():
     from wtacrs_compile.estimator import draw_rows, probabilities
 

@@ -138,13 +138,21 @@ _COPIES = (aten.clone.default, aten._to_copy.default)
 
 def recomputable(node: fx.Node) -> bool:
     """Whether the partitioner could recompute ``node`` (through views and copies) cheaply
-    in backward instead of saving it: False for a graph input (kept anyway) and for a
-    matmul's output (recomputing it is a matmul), True for what a pointwise or normalising
-    op makes (GeLU, LayerNorm, dropout outputs)."""
+    in backward instead of saving it: True for what a pointwise or normalising op makes
+    (GeLU, LayerNorm outputs); False for a graph input (kept anyway), a matmul's output
+    (recomputing it is a matmul) and a dropout's output (recomputing it redraws the mask
+    over every element from its seed: a random op within three steps of ``node``)."""
     node = strip_views(node)
     while is_call(node, *_COPIES):
         node = strip_views(node.args[0])
-    return node.op == "call_function" and not is_call(node, *_MATMULS)
+    if node.op != "call_function" or is_call(node, *_MATMULS):
+        return False
+    frontier = [node]
+    for _ in range(3):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a.op == "call_function"]
+        if any(is_random(a) for a in frontier):
+            return False
+    return True
 
 
 def transposed_source(node: fx.Node) -> Optional[fx.Node]:
