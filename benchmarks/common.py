@@ -194,6 +194,8 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
     out.append({"name": "wtacrs default r=0.1", "kind": "wtacrs", "ratio": 0.1})
     # the draw traced into the graph instead of the wtacrs::draw op (compile time vs step time)
     out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
+    # X's side of backward draws traced where X is recomputable (bytes vs compile and step time)
+    out.append({"name": "wtacrs default recompute inputs", "kind": "wtacrs", "recompute_draw_inputs": True})
     if modes:
         for b in (1.0, 0.1):
             out.append({"name": f"wtacrs memory budget={b}", "kind": "wtacrs", "mode": "memory", "memory_budget": b})
@@ -218,7 +220,7 @@ class Recorder:
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
             options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling",
-                                                 "inline_draws") if key in cfg}
+                                                 "inline_draws", "recompute_draw_inputs") if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True
             self.wtacrs = wtacrs_backend(**options)

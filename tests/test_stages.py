@@ -72,10 +72,15 @@ def test_plan_and_rewrite_compute_mode_draws_in_backward(joint):
     assert outcome.applied.rows == {} and outcome.drawn_in_backward == set()
     names = {n.name for n in graph.nodes}
     assert not any(s.node in names for s in sites), "the exact weight-gradient matmuls are gone"
-    # the second linear reads a ReLU output, which the partitioner could recompute: X's norms,
-    # rows and the smaller matmul are traced, G's side is one op; the first reads the graph's
-    # input, nothing to recompute: one op for the whole estimate.  The mms left: the input
-    # gradient's and the traced draw's
+    # one op per site (norms, draw, gathers and the smaller matmul), nothing for Inductor to
+    # generate code for; the one mm left is the input gradient
+    assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 2
+    assert count(graph, torch.ops.wtacrs.gradient_draw.default) == 0
+    assert count(graph, aten.mm.default) == 1
+    # recompute_draw_inputs: the second linear reads a ReLU output, which the partitioner
+    # could recompute: X's norms, rows and the smaller matmul are traced, G's side is one
+    # op; the first reads the graph's input, nothing to recompute: one op for the estimate
+    graph, *_ = planned(joint, memory_budget=None, recompute_draw_inputs=True)
     assert count(graph, torch.ops.wtacrs.gradient_draw.default) == 1
     assert count(graph, torch.ops.wtacrs.backward_estimate.default) == 1
     assert count(graph, aten.mm.default) == 2
@@ -93,23 +98,26 @@ def test_inline_draws_trace_the_draw_into_the_graph(joint):
     assert count(graph, aten.mm.default) == 3
 
 
-@pytest.mark.parametrize("inline_draws", [False, True])
-def test_backward_draws_leave_their_input_recomputable(inline_draws):
-    """A backward draw reads X only through a row-norm reduction and a gather (G's side is
-    the op): the partitioner may recompute X inside those kernels.  Exact, the second
-    linear's weight gradient (an ``mm``, materialized) makes it save the GeLU output beside
-    the GeLU input its own backward needs; with the draw it saves the input only."""
+@pytest.mark.parametrize("options", [{"recompute_draw_inputs": True}, {"inline_draws": True}])
+def test_backward_draws_can_leave_their_input_recomputable(options):
+    """With ``recompute_draw_inputs`` (or everything traced) a backward draw reads X only
+    through a row-norm reduction and a gather (G's side is the op): the partitioner may
+    recompute X inside those kernels.  Exact, or as one op, the second linear's weight
+    gradient reads the GeLU output materialized, so the partition saves it beside the GeLU
+    input its own backward needs; with the traced reads it saves the input only."""
     from wtacrs_compile.graph_utils import partition_saved
 
     torch.manual_seed(0)
     gelu = capture_joint(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)), torch.randn(128, 64))
-    graph, jp, sites, resolved, outcome = planned(gelu, memory_budget=None, inline_draws=inline_draws)
+    graph, jp, sites, resolved, outcome = planned(gelu, memory_budget=None, **options)
     assert {d.decision for d in outcome.decisions.values()} == {"compute"}
+    as_op, *_ = planned(gelu, memory_budget=None)
     with compiling(jp, graph):
         exact = partition_saved(gelu.graph(), jp.static_input_indices).activations  # Inductor's
+        one_op = partition_saved(as_op, jp.static_input_indices).activations
         drawn = partition_saved(graph, jp.static_input_indices).activations
     x = next(s.x_root for s in sites if s.d == 256)  # the GeLU output (decomposed: a mul)
-    assert exact == {"addmm": 128 * 256 * 4, x: 128 * 256 * 4}
+    assert exact == one_op == {"addmm": 128 * 256 * 4, x: 128 * 256 * 4}
     assert drawn == {"addmm": 128 * 256 * 4}
 
 
@@ -158,9 +166,8 @@ def test_rewrite_draws_the_noise_the_sampling_needs(joint, sampling, noise):
     # as one op the draw takes its noise inside; the op is what the graph sees as random
     graph, *_ = planned(joint, memory_budget=None, sampling=sampling)
     random = [n for n in graph.nodes if is_random(n)]
-    ops = torch.ops.wtacrs
-    assert [n.target for n in random] == [ops.gradient_draw.default, ops.backward_estimate.default]
-    assert random[0].args[6] == random[1].args[8] == (sampling == "systematic")
+    assert [n.target for n in random] == [torch.ops.wtacrs.backward_estimate.default] * 2
+    assert {n.args[8] for n in random} == {sampling == "systematic"}
 
 
 

@@ -379,13 +379,20 @@ class WTACRSConfig:
         matmuls run at ~280 GFLOP/s, the draws' reads cost roughly 0.07-0.13 ns per element,
         20-40 FLOPs' worth); it keeps rank-8 LoRA products and small per-head ``bmm``
         products exact and samples every linear of BERT-style models.  0 samples every op.
-    inline_draws: G's side of each backward draw is one op, ``wtacrs::gradient_draw`` (G's
-        norms, the draw and G's weighted rows as eager ATen calls; X's norms and rows are
-        traced, so the partitioner may recompute X inside those kernels), and each forward
-        draw's top-k-to-indices part one op, ``wtacrs::draw``; ``True`` traces them into the
-        graph for Inductor to generate code for: no per-draw dispatch at run time (fewer
-        launches on a GPU, not measured yet) for longer compiles (``compile_seconds`` in the
-        reports; ``results/compile_time-bert-base.json``).
+    inline_draws: each backward draw is one op, ``wtacrs::backward_estimate`` (norms, the
+        draw, gathers and the smaller matmul as eager ATen calls), and each forward draw's
+        top-k-to-indices part one op, ``wtacrs::draw``; ``True`` traces them into the graph
+        for Inductor to generate code for: no per-draw dispatch at run time (fewer launches
+        on a GPU, not measured yet) for longer compiles (``compile_seconds`` in the reports;
+        ``results/compile_time-bert-base.json``).
+    recompute_draw_inputs: an op's inputs are materialized in backward, so the partitioner
+        keeps a backward draw's X (a GeLU or LayerNorm output) saved where an exact weight
+        gradient would let it recompute X.  ``True`` traces X's norms and k rows where X is
+        worth recomputing (:func:`~wtacrs_compile.graph_utils.recomputable`: not an input, a
+        matmul's or a dropout's output), G's side one ``wtacrs::gradient_draw`` op: fewer
+        saved bytes (MiniLM default 0.055x of Inductor's instead of 0.079x, at the same step
+        time within the noise; T5-base 0.084x instead of 0.10x at ~8 % more step time) for
+        about two more Inductor kernels per draw site to compile (docs/performance.md).
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -407,6 +414,7 @@ class WTACRSConfig:
     memory_budget: Optional[float] = 0.1
     min_draw_gain: float = 32.0
     inline_draws: bool = False
+    recompute_draw_inputs: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -424,7 +432,8 @@ class WTACRSConfig:
             except ValueError as e:  # say which rule of the list
                 raise ValueError(str(e).replace("wtacrs config: ", f"wtacrs config: rules[{i}]: ", 1)) from None
         object.__setattr__(self, "rules", tuple(parsed))
-        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback", "live_rows", "inline_draws"):
+        for flag in ("keep_heads_exact", "pack_masks", "grad_norm_feedback", "live_rows", "inline_draws",
+                     "recompute_draw_inputs"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)

@@ -189,6 +189,7 @@ class DrawSpec:
     deterministic: DeterministicT = "adaptive"
     sampling: str = "systematic"
     inline: bool = False  # traced ops instead of the wtacrs::draw op (see draw_rows)
+    recompute_x: bool = False  # backward draws: trace X's side where X is recomputable
 
     def k_of(self, n: Any) -> Any:
         return self.k(n) if callable(self.k) else self.k

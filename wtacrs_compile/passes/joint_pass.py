@@ -418,7 +418,7 @@ class WTACRSJointPass(CustomGraphPass):
             s = settings[site.node]
             # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
             draw = DrawSpec(s.k_for if site.dynamic_n else s.k_for(site.n), s.deterministic, s.sampling,
-                            self.config.inline_draws)
+                            self.config.inline_draws, self.config.recompute_draw_inputs)
             node = nodes[site.node]
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:

@@ -114,15 +114,15 @@ def rewrite_with_backward_sample(
     cache: Optional[dict] = None,
 ) -> None:
     """``mm(G^T, X)`` -> the estimator drawn in backward with ``p ∝ ||x_i|| ||g_i||``; a
-    ``bmm`` site draws per batch entry.  Where X could be recomputed in backward (a GeLU,
-    LayerNorm or dropout output: :func:`~wtacrs_compile.graph_utils.recomputable`), X's norms
-    and k rows are traced (Inductor fuses them into X's producer, which the partitioner may
-    then recompute instead of saving X) and G's side is one ``wtacrs::gradient_draw`` op;
-    elsewhere (X a graph input or a matmul's output) the whole estimate is one
-    ``wtacrs::backward_estimate`` op, which costs Inductor no kernels to compile.  Both run
-    as eager ATen calls; ``inline_draws`` traces everything (``estimator.backward_estimate``)."""
+    ``bmm`` site draws per batch entry.  By default the whole estimate is one
+    ``wtacrs::backward_estimate`` op (eager ATen calls, no kernel for Inductor to compile).
+    With ``recompute_draw_inputs``, where X could be recomputed in backward (a GeLU or
+    LayerNorm output: :func:`~wtacrs_compile.graph_utils.recomputable`), X's norms and k
+    rows are traced (Inductor fuses them into X's producer, which the partitioner may then
+    recompute instead of saving X) and G's side is one ``wtacrs::gradient_draw`` op.
+    ``inline_draws`` traces everything (``estimator.backward_estimate``)."""
     x, x_t, g, g_t = (bmm_operands if site.kind == "bmm" else mm_operands)(node, site)
-    trace_x = recomputable(x)
+    trace_x = draw.recompute_x and recomputable(x)
 
     def estimate(x_in, g_in):
         k = draw.k_of(as_rows(x_in, x_t).shape[-2])
