@@ -24,11 +24,12 @@ told apart by their weight, never by a data-dependent size.
 In the joint graph a forward draw is three parts: the scores and probabilities (traced ops,
 which Inductor fuses into the kernel that produces ``X``), the noise (one op, see ``rng.py``)
 and ``wtacrs::draw``, one custom op from probabilities and noise to indices and weights
-(top-k, winner count, CDF, search).  A backward draw traces X's side (X's row norms, its k
-rows, the smaller matmul: Inductor fuses the first two into the kernel that produces X, so
-the partitioner may recompute X rather than save it) and makes G's side one op,
-``wtacrs::gradient_draw`` (G's norms, noise, draw, G's weighted rows).  The ops run as eager
-ATen calls: traced, they made Inductor generate and compile C++ per draw site
+(top-k, winner count, CDF, search).  A backward draw is one op, ``wtacrs::backward_estimate``
+(norms, noise, draw, gathers and the smaller matmul), or with ``recompute_draw_inputs`` X's
+side traced (X's row norms, its k rows, the smaller matmul: Inductor fuses the first two into
+the kernel that produces X, so the partitioner may recompute X rather than save it) and G's
+side one op, ``wtacrs::gradient_draw`` (G's norms, noise, draw, G's weighted rows).  The ops
+run as eager ATen calls: traced, they made Inductor generate and compile C++ per draw site
 (``inline_draws=True`` still does).  Leading batch dimensions are supported (one draw per batch entry), which is how
 ``bmm`` samples per (batch, head).
 """
@@ -231,7 +232,7 @@ def product(gs: Tensor, xs: Tensor, x_side: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# The backward estimate: X's side traced, G's side one op.
+# The backward estimate: one op, or X's side traced and G's side one op.
 
 
 def _eager_row_norms(x: Tensor) -> Tensor:
@@ -261,8 +262,8 @@ def gradient_draw(
 def _gradient_draw(
     x_norms: Tensor, g: Tensor, k: int, g_t: bool, adaptive: bool, fraction: float, systematic: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`gradient_draw` as one graph op, the backward draws' default form: G's norms,
-    the noise, the draw and G's weighted rows as eager ATen calls (``g_t``: G given
+    """:func:`gradient_draw` as one graph op (``recompute_draw_inputs``): G's norms, the
+    noise, the draw and G's weighted rows as eager ATen calls (``g_t``: G given
     transposed).  X's side stays traced (:func:`backward_estimate`): its norms and its k
     rows are a reduction and a gather that Inductor fuses into X's producer, so the
     partitioner may still recompute X (a GeLU or LayerNorm output) instead of saving it;
@@ -291,17 +292,17 @@ def backward_estimate(
     deterministic: DeterministicT = "adaptive",
     sampling: str = "systematic",
     inline: bool = False,
-    trace_x: bool = True,
+    trace_x: bool = False,
 ) -> Tensor:
     """A weight gradient drawn in backward: the site's product over ``k`` rows drawn with
     ``p ∝ ||x_i|| ||g_i||``, G's rows scaled by their weights.  ``x_t``/``g_t``: the operand
     is given transposed (``d x N``); ``x_side``: ``"a"`` for ``X^T G``, ``"b"`` for ``G^T X``.
 
-    ``trace_x`` (or ``inline``): X's norms, X's k rows and the product are traced ops and G's
-    side is one op, ``wtacrs::gradient_draw`` (traced in too with ``inline``).  Otherwise the
-    whole estimate is one op, ``wtacrs::backward_estimate``: for an X nothing could recompute
-    (a graph input, a matmul's output), whose traced norms and gather would only cost
-    Inductor two more kernels to compile."""
+    By default the whole estimate is one op, ``wtacrs::backward_estimate``.  ``trace_x`` (or
+    ``inline``): X's norms, X's k rows and the product are traced ops and G's side is one op,
+    ``wtacrs::gradient_draw`` (traced in too with ``inline``), so that the partitioner may
+    recompute X inside those kernels; where nothing could recompute X (a graph input, a
+    matmul's output) they would only cost Inductor two more kernels to compile."""
     adaptive = deterministic == "adaptive"
     fraction = -1.0 if adaptive else float(deterministic)
     systematic = sampling == "systematic"
@@ -321,10 +322,12 @@ def _backward_estimate(
     x: Tensor, g: Tensor, k: int, x_t: bool, g_t: bool, x_first: bool,
     adaptive: bool, fraction: float, systematic: bool,
 ) -> Tensor:
-    """:func:`backward_estimate` as one graph op, for draws whose X is not recomputable: X's
+    """:func:`backward_estimate` as one graph op, the backward draws' default form: X's
     norms, then :func:`gradient_draw`, X's k rows and the smaller matmul, as eager ATen
-    calls.  Tagged random: its noise comes from the draws' stream, so it is never merged or
-    replayed."""
+    calls.  Its inputs are materialized in backward, so the partitioner keeps X saved where
+    it could recompute it for an exact weight gradient (``recompute_draw_inputs`` traces
+    X's side instead).  Tagged random: its noise comes from the draws' stream, so it is
+    never merged or replayed."""
     xr = as_rows(x, x_t)
     idx, gs = gradient_draw(
         _eager_row_norms(xr), as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
