@@ -45,8 +45,8 @@ def test_compute_mode_backward_flops_drop_by_the_per_op_savings():
     # matmul FLOPs is the weight gradients' k/N.
     report = _step(_mlp(), wtacrs_compile.backend(ratio=0.25, memory_budget=None, min_draw_gain=0))
     flops = report.flops
-    assert set(flops) == {"inductor", "baseline", "wtacrs", "compiled"}
-    assert flops["baseline"] == flops["inductor"], "no budget: the exact partition is Inductor's"
+    assert set(flops) == {"joint", "inductor", "baseline", "wtacrs", "compiled"}
+    assert flops["joint"] == flops["inductor"], "the default partition recomputes no matmul"
     assert flops["compiled"]["forward"] == flops["inductor"]["forward"]  # forward untouched
     dims = [(64, 128), (128, 64), (64, 32)]
     assert [op.decision for op in report.ops] == ["compute"] * 3

@@ -345,6 +345,17 @@ def node_flops(node: fx.Node) -> int:
     return traced_size(formula(*args, out_val=out, **kwargs))
 
 
+def joint_flops(graph: fx.Graph) -> Dict[str, int]:
+    """FLOPs of a joint graph's matmul-class ops split into its forward and backward parts:
+    the default partition's figures (it never recomputes a matmul: not in the partitioner's
+    recomputation allowlist), without partitioning."""
+    backward = tangent_dependent(graph)
+    counts = {"forward": 0, "backward": 0}
+    for node in graph.nodes:
+        counts["backward" if node in backward else "forward"] += node_flops(node)
+    return counts
+
+
 def fw_bw_flops(saved: "SavedSet") -> Dict[str, int]:
     """FLOPs of a partition's forward and backward graphs (see :func:`graph_flops`)."""
     return {"forward": graph_flops(saved.fw), "backward": graph_flops(saved.bw)}

@@ -71,7 +71,9 @@ class CompileReport:
     # backend call: AOTAutograd's tracing and partition, the pass, Inductor).
     compile_seconds: Dict[str, float] = field(default_factory=dict)
     # FLOPs of matmul-class ops (torch.utils.flop_counter's formulas) per partition, each
-    # {"forward": f, "backward": b}: "inductor" (default partition, no rewrite), "baseline"
+    # {"forward": f, "backward": b}: "joint" (the joint graph before the rewrite, split into
+    # its forward and backward parts: the default partition's figures, counted without one),
+    # "inductor" (default partition, no rewrite), "baseline"
     # (the exact partition under the memory budget: its backward includes what it
     # recomputes), "wtacrs" (the pass's partition of the rewritten graph) and "compiled" (the
     # graphs Inductor compiled; "backward" appears when the backward compiles).

@@ -8,7 +8,7 @@ Its stages, each taking and returning plain data (``docs/architecture.md``)::
                                               # G has provably zero rows -> Resolved.live
     baseline = _exact_baseline(joint)         # best exact partition          -> Baseline
                                               # (backward draws only: _partition_settings,
-                                              # torch's rule instead of a trial partition)
+                                              # the compiled graphs tell)
     outcome  = _plan_and_rewrite(...)         # plan_memory.py on copies, then one rewrite of
                                               # the real graph (sample_*.py) -> Outcome
     final    = _pack_masks(...)               # opt-in, pack_masks.py
@@ -37,7 +37,7 @@ from ..annotate import site_context
 from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..estimator import DrawSpec
 from ..graph_utils import (
-    PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, partition_saved, saved_value_bytes,
+    PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, joint_flops, partition_saved, saved_value_bytes,
     traced_size,
 )
 from ..plan_cache import PlanCache, graph_key
@@ -82,10 +82,11 @@ class Resolved:
 
 @dataclass
 class Baseline:
-    """Stage 3's output: the best exact partition, and the forward nodes Inductor's default
-    partition saves (empty when the compile has no memory budget)."""
+    """Stage 3's output: the best exact partition (None: left to the partition AOTAutograd
+    runs next, see :meth:`WTACRSJointPass._partition_settings`), and the forward nodes
+    Inductor's default partition saves (empty when the compile has no memory budget)."""
 
-    saved: SavedSet
+    saved: Optional[SavedSet]
     inductor_roots: Set[str] = field(default_factory=set)
 
 
@@ -106,11 +107,27 @@ RECOMPUTED_NOTE = "; its activation is recomputed exactly in backward (memory_bu
 
 
 def complete_from_compiled(report: CompileReport, saved: SavedSet, flops: Dict[str, int]) -> None:
-    """Fill the rewritten graph's figures from the compiled graphs (``saved``, ``flops``: what
-    the backward Inductor compiled takes from the forward) where the pass did not partition
-    the rewritten graph itself (backward draws only: the partition AOTAutograd runs next is
-    that one)."""
+    """Fill the figures the joint pass left to the compiled graphs (``saved``, ``flops``: what
+    the backward Inductor compiled takes from the forward).  With backward draws only, the
+    pass partitions nothing for its own figures (``_partition_settings``): the compiled
+    partition is both the exact one under the budget (the forward is unchanged) and the
+    rewritten graph's, and it tells which activations the budget recomputes."""
     report.compiled_saved_bytes = saved.activation_bytes
+    if report.baseline_saved_bytes is None:
+        report.baseline_saved_bytes = saved.activation_bytes
+        report.baseline_saved_tensors = dict(saved.activations)
+        # the exact backward does each sampled product in full
+        sampled = sum(op.flops_before - op.flops_after for op in report.ops)
+        report.flops["baseline"] = {"forward": flops.get("forward", 0), "backward": flops.get("backward", 0) + sampled}
+        if report.inductor_saved_bytes is None:  # no budget, no rewrite before: the same partition
+            report.inductor_saved_bytes = saved.activation_bytes
+        if "inductor" not in report.flops and "joint" in report.flops:
+            report.flops["inductor"] = dict(report.flops["joint"])
+        roots = plan_memory.saved_roots(saved)
+        for op in report.ops:
+            if op.input_saved_by_inductor and op.input_node not in roots and op.decision != plan_memory.MEMORY:
+                op.recomputed = True
+                op.reason += RECOMPUTED_NOTE
     if report.wtacrs_saved_bytes is None:
         report.wtacrs_saved_bytes = saved.activation_bytes
         report.saved_tensors = dict(saved.activations)
@@ -192,6 +209,9 @@ class WTACRSJointPass(CustomGraphPass):
         # Before any partition (the planner's and the exact baseline's too): under a memory
         # budget torch's partitioner would otherwise redraw dropout in backward.
         report.random_ops_kept = keep_random_ops(graph)
+        # the default partition's FLOPs, counted before any rewrite, where no partition of
+        # this graph is measured for them (backward draws only, no budget)
+        report.flops["joint"] = joint_flops(graph)
         cache: dict = {}  # traced replacement subgraphs, reused across the planner's copies
         sites = self._analyse(graph)
         resolved = self._resolve(graph, sites)
@@ -222,11 +242,14 @@ class WTACRSJointPass(CustomGraphPass):
                 final = partition_saved(graph, self.static_input_indices)
             final = self._pack_masks(graph, final, cache)
 
-        report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
-        report.baseline_saved_bytes = baseline.saved.activation_bytes
-        report.baseline_saved_tensors = dict(baseline.saved.activations)
-        report.flops["baseline"] = fw_bw_flops(baseline.saved)
-        report.flops.setdefault("inductor", report.flops["baseline"])  # no budget: the same partition
+        if baseline.saved is not None:
+            report.inductor_saved_bytes = report.measurements.get("inductor", baseline.saved.activation_bytes)
+            report.baseline_saved_bytes = baseline.saved.activation_bytes
+            report.baseline_saved_tensors = dict(baseline.saved.activations)
+            report.flops["baseline"] = fw_bw_flops(baseline.saved)
+            report.flops.setdefault("inductor", report.flops["baseline"])  # no budget: the same partition
+        else:  # read off the compiled graphs (complete_from_compiled)
+            report.inductor_saved_bytes = report.measurements.get("inductor")
         if final is not None:
             report.wtacrs_saved_bytes = final.activation_bytes
             report.saved_tensors = dict(final.activations)
@@ -345,7 +368,8 @@ class WTACRSJointPass(CustomGraphPass):
 
         candidates = resolved.candidates
         if not candidates:
-            self.report.measurements["baseline"] = baseline.saved.activation_bytes
+            if baseline.saved is not None:
+                self.report.measurements["baseline"] = baseline.saved.activation_bytes
             return Outcome({}, plan_memory.Applied(), baseline.saved, set(), self._recomputed_inputs(resolved.sites, baseline), baseline.inductor_roots)
         log.info("wtacrs: graph %d: planning %d candidate sites (%s)", self.graph_tag, len(candidates),
                  ", ".join(f"{n} {m}" for m, n in collections.Counter(settings[s.node].mode for s in candidates).items()))
@@ -475,25 +499,28 @@ class WTACRSJointPass(CustomGraphPass):
         return Baseline(baseline, inductor_roots)
 
     def _partition_settings(self, graph: fx.Graph, inductor: Optional[SavedSet], resolved: Resolved) -> Baseline:
-        """Stage 3 when every candidate draws in backward: the partitioner's settings, then
-        the exact partition under them (one min-cut), for the report's baseline.  Backward
-        draws change what the partition saves only through their reads of X in backward
-        (traced: a reduction and a gather that the partitioner may recompute X into), so
-        nothing here is planned on trial partitions.
+        """Stage 3 when every candidate draws in backward.  One op per draw leaves the
+        forward, and what it saves, as they are: the best exact partition is the one
+        AOTAutograd runs next on this graph, and the backend reads its figures off the
+        compiled graphs (:func:`complete_from_compiled`) instead of a trial partition here
+        (two to four min-cuts of the whole graph: a third of the pass's time on 12-layer
+        BERT-base).  Traced reads of X (``recompute_draw_inputs``, ``inline_draws``) let the
+        partitioner recompute X instead: then the exact partition is measured (one min-cut).
 
-        Where torch's budget solver would return the default partition (the parameters
-        outweigh the activations) the recomputation bans are lifted, as
-        :meth:`_exact_baseline` does after a trial partition; here it is told from Inductor's
-        default partition (``inductor``: measured before an exact live-rows rewrite, which only
-        makes the last layer save less) by the solver's own rule
-        (``torch_internals.budget_solver_gives_up``), which saves that trial."""
+        Left to decide first: the partitioner's settings.  Where torch's budget solver would
+        return the default partition (the parameters outweigh the activations) the
+        recomputation bans are lifted, as :meth:`_exact_baseline` does after measuring; here
+        it is told from Inductor's default partition (``inductor``: measured before an exact
+        live-rows rewrite, which only makes the last layer save less) by the solver's own rule
+        (``torch_internals.budget_solver_gives_up``)."""
         p = self.partitioner
+        measure = self.config.recompute_draw_inputs or self.config.inline_draws
+        if p is None or p.budget >= 1.0:
+            if not measure:
+                return Baseline(None)
+            return Baseline(partition_saved(graph, self.static_input_indices))
         if inductor is None:
             inductor = self._inductor_partition(graph)
-            if p is None or p.budget >= 1.0:  # the graph as it came: the exact partition
-                return Baseline(inductor)
-        if p is None or p.budget >= 1.0:  # after a live-rows rewrite
-            return Baseline(partition_saved(graph, self.static_input_indices))
         if not p.relaxed and budget_solver_gives_up(saved_value_bytes(inductor), input_bytes(graph)):
             p.relax_bans()
             self.report.partitioner_note = (
@@ -505,6 +532,8 @@ class WTACRSJointPass(CustomGraphPass):
             # ops read leave the saved set by that rewrite, not by recomputation
             root = {s.node: s.x_root for s in resolved.sites}
             roots -= {root[n] for n in resolved.live} - {root[n] for n in root if n not in resolved.live}
+        if not measure:
+            return Baseline(None, roots)
         baseline = partition_saved(graph, self.static_input_indices)
         self.report.measurements["exact_relaxed_bans" if p.relaxed else "exact_budget"] = baseline.activation_bytes
         return Baseline(baseline, roots)
@@ -526,7 +555,7 @@ class WTACRSJointPass(CustomGraphPass):
         """Sites whose activation Inductor's default partition saves and the exact budgeted
         partition recomputes instead (no sampling needed for those bytes)."""
         inductor = baseline.inductor_roots
-        if not inductor:
+        if not inductor or baseline.saved is None:  # None: complete_from_compiled tells
             return set()
         exact = plan_memory.saved_roots(baseline.saved)
         return {s.node for s in sites if s.x_root in inductor - exact}
