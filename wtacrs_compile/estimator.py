@@ -269,6 +269,14 @@ def _gradient_draw(
     partitioner may still recompute X (a GeLU or LayerNorm output) instead of saving it;
     an op's inputs are materialized, and the min-cut then keeps them saved.  Tagged random:
     its noise comes from the draws' stream, so it is never merged or replayed."""
+    return _eager_gradient_draw(x_norms, g, k, g_t, adaptive, fraction, systematic)
+
+
+def _eager_gradient_draw(
+    x_norms: Tensor, g: Tensor, k: int, g_t: bool, adaptive: bool, fraction: float, systematic: bool,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`gradient_draw` from the ops' arguments, G's norms in one eager pass: the body
+    of both ops."""
     return gradient_draw(
         x_norms, as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
         "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
@@ -329,10 +337,7 @@ def _backward_estimate(
     X's side instead).  Tagged random: its noise comes from the draws' stream, so it is
     never merged or replayed."""
     xr = as_rows(x, x_t)
-    idx, gs = gradient_draw(
-        _eager_row_norms(xr), as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
-        "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
-    )
+    idx, gs = _eager_gradient_draw(_eager_row_norms(xr), g, k, g_t, adaptive, fraction, systematic)
     return product(gs, take_rows(xr, idx), "a" if x_first else "b")
 
 

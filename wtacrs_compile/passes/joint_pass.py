@@ -108,10 +108,10 @@ RECOMPUTED_NOTE = "; its activation is recomputed exactly in backward (memory_bu
 
 def complete_from_compiled(report: CompileReport, saved: SavedSet, flops: Dict[str, int]) -> None:
     """Fill the figures the joint pass left to the compiled graphs (``saved``, ``flops``: what
-    the backward Inductor compiled takes from the forward).  With backward draws only, the
-    pass partitions nothing for its own figures (``_partition_settings``): the compiled
-    partition is both the exact one under the budget (the forward is unchanged) and the
-    rewritten graph's, and it tells which activations the budget recomputes."""
+    the backward Inductor compiled takes from the forward).  With one op per backward draw
+    only, the pass partitions nothing for its own figures (``_partition_settings``): the
+    compiled partition is both the exact one under the budget (the forward is unchanged) and
+    the rewritten graph's, and it tells which activations the budget recomputes."""
     report.compiled_saved_bytes = saved.activation_bytes
     if report.baseline_saved_bytes is None:
         report.baseline_saved_bytes = saved.activation_bytes
