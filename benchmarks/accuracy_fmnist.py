@@ -14,7 +14,6 @@ file), batch 128 (last incomplete batch dropped), AdamW lr 1e-3, 3 epochs.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import sys
@@ -105,17 +104,10 @@ def train_one(name, cfg, seed, data, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--configs", nargs="+", default=["exact (inductor)", "wtacrs default r=0.5", "wtacrs default"],
-                   choices=list(CONFIGS))
-    p.add_argument("--train", type=int, default=20000)
-    p.add_argument("--test", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", default=str(common.RESULTS / "accuracy_fmnist.json"))
-    args = p.parse_args()
+    args = common.accuracy_parser(
+        __doc__, CONFIGS, ["exact (inductor)", "wtacrs default r=0.5", "wtacrs default"], "accuracy_fmnist.json",
+        epochs=3, train=20000, test=2000, batch=128, lr=1e-3,
+    ).parse_args()
     common.raise_recompile_limits()
     data = load(args.train, args.test)
     out_path = Path(args.out)

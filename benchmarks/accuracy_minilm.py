@@ -20,7 +20,6 @@ gradients).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -142,16 +141,9 @@ def train_one(name, cfg, seed, base_state, tokenized, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--test", type=int, default=1000)
+    p = common.accuracy_parser(__doc__, CONFIGS, DEFAULT_CONFIGS, "accuracy_minilm.json",
+                               epochs=1, train=3000, test=1000, batch=32, lr=5e-5)
     p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--out", default=str(common.RESULTS / "accuracy_minilm.json"))
     args = p.parse_args()
     import transformers
 

@@ -3,6 +3,7 @@ recording backends that read saved-activation bytes off the backward graph Induc
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -325,6 +326,20 @@ def vm(key: str) -> int:
 def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def accuracy_parser(doc: str, configs: Dict[str, Any], default_configs: List[str], out_name: str,
+                    **defaults: Any) -> argparse.ArgumentParser:
+    """The accuracy benchmarks' shared options (seeds, configurations, task size, the results
+    file); ``defaults`` gives epochs, train, test, batch and lr."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--configs", nargs="+", default=default_configs, choices=list(configs))
+    for flag in ("epochs", "train", "test", "batch"):
+        p.add_argument(f"--{flag}", type=int, default=defaults[flag])
+    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--out", default=str(RESULTS / out_name))
+    return p
 
 
 def summarize_accuracy(runs: List[Dict[str, Any]], config_names: List[str]) -> Dict[str, Dict[str, Any]]:

@@ -37,29 +37,28 @@ def mlp(seed: int = 0) -> Example:
     return model, (torch.randn(256, 64),)
 
 
+def _hf_example(example: str, seed: int, model_class: str, config: Dict[str, Any], inputs) -> Example:
+    """A Hugging Face model of ``model_class`` built from ``config`` (eager attention), and
+    its inputs from ``inputs(config, generator)``, both seeded."""
+    transformers = _require("transformers", example)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    return model, inputs(model.config, torch.Generator().manual_seed(seed))
+
+
 def bert(seed: int = 0) -> Example:
     """A 2-layer BertForSequenceClassification (eager attention) on 4 x 64 tokens, with labels,
     so the step inspected is the backward of ``.loss``."""
     transformers = _require("transformers", "bert")
-    torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=64,
-        num_labels=2,
-        attn_implementation="eager",
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=64, num_labels=2, attn_implementation="eager",
     )
-    model = transformers.BertForSequenceClassification(config)
-    gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        "input_ids": torch.randint(0, config.vocab_size, (4, 64), generator=gen),
+    return _hf_example("bert", seed, "BertForSequenceClassification", config, lambda c, gen: {
+        "input_ids": torch.randint(0, c.vocab_size, (4, 64), generator=gen),
         "attention_mask": torch.ones(4, 64, dtype=torch.long),
         "labels": torch.randint(0, 2, (4,), generator=gen),
-    }
-    return model, inputs
+    })
 
 
 def vit(seed: int = 0) -> Example:
@@ -75,25 +74,14 @@ def vit(seed: int = 0) -> Example:
 def t5(seed: int = 0) -> Example:
     """A 2+2-layer T5ForConditionalGeneration (encoder-decoder) with labels, 4 x 32 tokens."""
     transformers = _require("transformers", "t5")
-    torch.manual_seed(seed)
     config = transformers.T5Config(
-        vocab_size=512,
-        d_model=64,
-        d_kv=16,
-        d_ff=256,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        attn_implementation="eager",
+        vocab_size=512, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, attn_implementation="eager",
     )
-    model = transformers.T5ForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        "input_ids": torch.randint(0, config.vocab_size, (4, 32), generator=gen),
-        "labels": torch.randint(0, config.vocab_size, (4, 32), generator=gen),
-    }
-    return model, inputs
+    return _hf_example("t5", seed, "T5ForConditionalGeneration", config, lambda c, gen: {
+        "input_ids": torch.randint(0, c.vocab_size, (4, 32), generator=gen),
+        "labels": torch.randint(0, c.vocab_size, (4, 32), generator=gen),
+    })
 
 
 EXAMPLES: Dict[str, Callable[..., Example]] = {"mlp": mlp, "bert": bert, "vit": vit, "t5": t5}
