@@ -54,6 +54,12 @@ CONFIGS = {
     # lost with bmm, 1.1 without); under the default budget the exact recompute leaves memory
     # mode nothing to draw (every op exact)
     "wtacrs r=0.3 memory no budget": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "memory_budget": None},
+    # the same without the padding prior (padding_mask=None): the forward draws see ||x_i|| only
+    "wtacrs r=0.3 memory no budget no padding prior": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory",
+                                                       "memory_budget": None, "padding_mask": None},
+    # with gradient-norm feedback keyed by example ids (from the second epoch on)
+    "wtacrs r=0.3 memory no budget feedback": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory",
+                                               "memory_budget": None, "feedback": True},
     "wtacrs r=0.1": {"kind": "wtacrs", "ratio": 0.1, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
     "wtacrs r=0.1 all": {"kind": "wtacrs", "ratio": 0.1, "mode": "all"},

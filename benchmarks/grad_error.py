@@ -10,7 +10,10 @@ Configurations: forward draws with ``p ∝ ||x_i||`` (``mode="all"``, the paper'
 cached norms, which the first release used), and backward draws with the exact
 ``p ∝ ||x_i|| ||g_i||`` (``mode="compute"``, the default); each with the paper's i.i.d. draws
 (``sampling="iid"``) and with systematic ones (the default); forward draws also with the
-last layer's ``[CLS]``-only gradients read exactly (``live_rows``, the default).  Dropout is off (eval-mode dropout
+last layer's ``[CLS]``-only gradients read exactly (``live_rows``, the default), and with the
+gradient-norm feedback (``grad_norm_feedback``: cached ``||g_i||`` per position without
+example ids, per example with them; Q/K/V's shared draw uses the root of their summed
+squares).  Dropout is off (eval-mode dropout
 with train-mode autograd) so the exact gradient is deterministic.
 """
 
@@ -36,6 +39,12 @@ CONFIGS = {
     "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None, "live_rows": False},
     # + zero rows: ops whose G the graph proves zero outside the [CLS] rows read those rows exactly
     "forward draw, ‖x‖ + live rows (mode all, systematic)": {"mode": "all", "memory_budget": None},
+    # + feedback: the cache filled by one step on the same batch and weights (an optimistic
+    # bound on a cache an epoch old); without ids the per-position running estimate
+    "forward draw, ‖x‖·ĝ per position + live rows (mode all, no ids)": {
+        "mode": "all", "memory_budget": None, "grad_norm_feedback": True},
+    "forward draw, ‖x‖·ĝ per example + live rows (mode all, example ids)": {
+        "mode": "all", "memory_budget": None, "grad_norm_feedback": True, "ids": True},
     "backward draw, ‖x‖·‖g‖ (compute, i.i.d.)": {"mode": "compute", "sampling": "iid"},
     "backward draw, ‖x‖·‖g‖ (compute, systematic: default)": {"mode": "compute"},
 }
@@ -75,9 +84,19 @@ def main() -> None:
     torch._dynamo.reset()
     rows = {}
     for name, options in CONFIGS.items():
+        options = dict(options)
+        with_ids = options.pop("ids", False)
         backend = wtacrs_compile.backend(ratio=args.ratio, **options)
-        fn = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, backend=backend)
+        if with_ids:
+            def fn(**kw):
+                with backend.example_ids(torch.arange(args.batch)):
+                    return compiled(**kw)
+        else:
+            fn = compiled
         torch.manual_seed(1)
+        if options.get("grad_norm_feedback"):
+            grads(model, fn, batch)  # fills the cache; not counted
         errors = {}
         for _ in range(args.draws):
             g = grads(model, fn, batch)

@@ -235,10 +235,10 @@ def _backward_estimate(x, g, k, x_t, g_t, x_first, systematic=True, trace_x=True
     """A backward draw as the rewrite traces it: X's side traced and G's side the
     ``wtacrs::gradient_draw`` op (``trace_x``), or the whole estimate one
     ``wtacrs::backward_estimate`` op."""
-    from wtacrs_compile.estimator import backward_estimate
+    from wtacrs_compile.estimator import DrawSpec, backward_estimate
 
-    return backward_estimate(x, g, k, x_t, g_t, "a" if x_first else "b",
-                             sampling="systematic" if systematic else "iid", inline=False, trace_x=trace_x)
+    draw = DrawSpec(k, sampling="systematic" if systematic else "iid")
+    return backward_estimate(x, g, x_t, g_t, "a" if x_first else "b", draw, trace_x=trace_x)
 
 
 @pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)

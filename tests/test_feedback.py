@@ -1,7 +1,9 @@
 """Gradient-norm feedback (``grad_norm_feedback=True``): ``p ∝ ||x_i|| * cached ||g_i||``.
 
-* unbiased with the cache, and the cache is the only change: without example ids the draw is
-  the plain one, bit for bit;
+* unbiased with the cache, and the cache is the only change: before anything is cached the
+  draw is the plain one, bit for bit;
+* without example ids, a per-position running estimate; a draw several sites share (Q/K/V)
+  uses the root of their summed squared norms;
 * compact: one float16 per (example, position, sampled site);
 * an honest variance comparison on a real model (HF BERT, two layers, padded batches): the
   cache is one epoch stale (norms from before the last weight updates), as in training.
@@ -79,23 +81,106 @@ def test_feedback_is_unbiased_lowers_variance_and_is_compact():
         assert variance[True, i] < 0.7 * variance[False, i], variance
 
 
-def test_feedback_without_ids_is_the_plain_draw_bit_for_bit():
+def test_without_ids_the_first_step_is_the_plain_draw_and_later_ones_read_positions():
+    """Without example ids nothing is known at the first step (the plain ``||x_i||`` draw, bit
+    for bit); its backward stores each position's mean ``||g_i||`` over the batch, which the
+    next steps read: unbiased, and lower variance where the gradient sits on a few positions."""
     model = mlp()
     x, t = heavy_batch()
+    t = t * (torch.arange(12) < 3).float()[None, :, None]  # only positions 0-2 carry gradient
+    exact = weight_grads(model, torch.compile(model, backend="inductor"), x, t)
 
-    def run(feedback):
+    def run(feedback, steps):
         torch._dynamo.reset()
         b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
         compiled = torch.compile(model, backend=b)
         torch.manual_seed(3)
-        return [weight_grads(model, compiled, x, t) for _ in range(3)], b
+        return [weight_grads(model, compiled, x, t) for _ in range(steps)], b
 
-    plain, _ = run(False)
-    ours, b = run(True)
-    for a, c in zip(plain, ours):
-        for ga, gc in zip(a, c):
-            assert torch.equal(ga, gc)
-    assert b.feedback.nbytes() == 0  # nothing to key the norms by: nothing stored
+    plain, _ = run(False, 200)
+    ours, b = run(True, 200)
+    for ga, gc in zip(plain[0], ours[0]):
+        assert torch.equal(ga, gc)  # step 1: nothing cached, the plain draw
+    # one float32 per position and site; site 2's per-position mean of ||g_i|| is exact
+    assert b.feedback.nbytes() == 2 * 12 * 4
+    tables = list(b.feedback._positions.values())
+    per_position = t.norm(dim=-1).mean(0)
+    assert any(torch.allclose(tab, per_position) for tab in tables), (tables, per_position)
+    for i in (0, 1):
+        later = torch.stack([d[i] for d in ours[1:]])
+        assert_unbiased(later, exact[i])
+        base = torch.stack([d[i] for d in plain[1:]])
+        assert relative_variance(later, exact[i]) < 0.7 * relative_variance(base, exact[i])
+
+
+class SharedInput(nn.Module):
+    """Three projections of one input (Q/K/V's pattern): one forward draw, three readers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+def test_a_shared_draw_reads_the_root_of_its_readers_summed_squares():
+    """Q, K and V share their input's draw: with feedback it uses
+    ``p ∝ ||x_i|| sqrt(sum_s ||g_i^s||^2)``.  The cache holds exactly that after a step,
+    the three estimates are unbiased and their summed variance is lower than the plain draw's."""
+    model = SharedInput()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 12, 16, generator=gen)
+    # each projection's gradient on its own few rows: no single one predicts the others'
+    ts = [torch.randn(8, 12, 24, generator=gen) * (torch.rand(8, 12, 1, generator=gen) ** 4) for _ in range(3)]
+    ids = torch.arange(8)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        sum((o * t).sum() for o, t in zip(fn(x), ts)).backward()
+        return [m.weight.grad.clone() for m in (model.q, model.k, model.v)]
+
+    exact = grads(torch.compile(model, backend="inductor"))
+    total = {}
+    for feedback in (False, True):
+        torch._dynamo.reset()
+        b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
+        compiled = torch.compile(model, backend=b)
+        with b.example_ids(ids):
+            grads(compiled)
+        ops = b.reports[0].ops
+        assert [op.decision for op in ops] == ["memory"] * 3 and sum(op.shared_draw_with is None for op in ops) == 1
+        if feedback:
+            assert all(op.grad_norm_feedback for op in ops)
+            (table,) = b.feedback._norms.values()
+            want = torch.stack([t.norm(dim=-1) for t in ts]).pow(2).sum(0).sqrt()
+            torch.testing.assert_close(table.float(), want, rtol=2e-3, atol=1e-3)  # float16
+        draws = []
+        for _ in range(250):
+            with b.example_ids(ids):
+                draws.append(grads(compiled))
+        total[feedback] = 0.0
+        for i in range(3):
+            stack = torch.stack([d[i] for d in draws])
+            assert_unbiased(stack, exact[i])
+            total[feedback] += relative_variance(stack, exact[i])
+    assert total[True] < 0.7 * total[False], total
+
+
+def test_shared_writes_store_the_root_of_the_summed_squares_once_all_readers_wrote():
+    from wtacrs_compile.feedback import GradNormCache
+
+    cache = GradNormCache()
+    with cache.example_ids(torch.tensor([0, 1])):
+        cache.read("s", 4, "cpu")
+    g = [torch.tensor([3.0, 0.0, 1.0, 2.0]), torch.tensor([4.0, 0.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])]
+    cache.write("s", g[0], readers=3)
+    cache.write("s", g[1], readers=3)
+    assert "s" not in cache._norms  # two of three readers: nothing stored yet
+    cache.write("s", g[2], readers=3)
+    assert torch.equal(cache._norms["s"].float(), torch.tensor([[5.0, 0.0], [1.0, 3.0]]))
+    assert not cache._partial
 
 
 def test_example_ids_must_be_one_integer_per_example():
@@ -113,8 +198,8 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     """BERT (2 layers) on padded batches of a fixed 16-example set, one epoch of training with
     feedback, then at the trained weights: the variance of each sampled weight gradient on one
     batch, with the cache as the epoch left it (restored before every draw) vs the plain draw.
-    Linears whose input draw is shared (Q, K, V) do not use the cache.  Reported, and the
-    feedback estimates checked unbiased; the numbers go to docs/training.md."""
+    Q, K and V read their shared draw's cache (the root of their summed squared norms).
+    Reported, and the feedback estimates checked unbiased; the numbers go to docs/training.md."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = tiny_bert_classifier(layers=2)
@@ -167,11 +252,12 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     assert set(fb2.feedback._norms) == set(stale) and stale
 
     uses = {op.module for op in fb2.reports[0].ops if op.grad_norm_feedback}
-    # attention output, FFN up, FFN down and the pooler own their draws and read the cache;
-    # Q, K and V share one draw of their input, so none of them does
+    # every drawn linear reads the cache; Q, K and V through their shared draw (the root of
+    # their summed squared norms)
     assert {re.sub(r"^.*layer\.\d+\.", "", u) for u in uses} == {
-        "attention.output.dense", "intermediate.dense", "output.dense", "bert.pooler.dense"
-    }, uses
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense",
+    }, uses  # (the pooler, N = batch, stays exact by default)
     lines, ratios = [], {}
     for n in names:
         a = torch.stack([d[n] for d in draws_plain])
@@ -182,10 +268,13 @@ def test_feedback_variance_on_hf_bert_one_epoch_stale(capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     for n, r in ratios.items():
-        if n[: -len(".weight")] in uses:  # the cache pays where a site owns its draw
+        if re.search(r"self\.(query|key|value)", n):
+            # Q, K and V's gradients spread over every unpadded row, which the padding prior
+            # (on in both runs) already keeps: the shared cache reads 0.9-1.5 of the plain
+            # draw's variance here (60 draws each), no worse beyond that noise
+            assert r < 2.0, (n, r)
+        elif n[: -len(".weight")] in uses:  # the cache pays where a site owns its draw
             assert r < 0.5, (n, r)
-        else:  # Q, K, V: the plain draw either way, only the random stream differs
-            assert 0.3 < r < 3.0, (n, r)
 
 
 def test_cache_pairs_writes_with_the_forward_that_read_in_fifo_order():

@@ -70,6 +70,7 @@ class WTACRSBackend:
         joint_pass = WTACRSJointPass.for_compile(
             config, static, report, feedback=self.feedback if config.grad_norm_feedback else None,
             graph_tag=len(self.reports), plans=self.plans,
+            input_names=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
         )
         # The partitioner's settings (memory budget) hold for the whole compile: the planner's
         # trial partitions and AOTAutograd's real one run under the same ones.

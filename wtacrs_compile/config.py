@@ -358,6 +358,12 @@ class WTACRSConfig:
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
+    padding_mask: forward draws (``memory``/``all`` modes) of linear layers whose N rows are
+        the ``(B, L)`` positions of this graph input (integer or boolean, e.g. Hugging Face's
+        ``attention_mask``) give the rows it pads probability 0; backward checks that those
+        rows of the gradient are zero and raises an error naming this option if not
+        (:mod:`wtacrs_compile.passes.padding_prior`).  ``None`` turns the prior off.
+        Backward draws (the default ``compute`` mode) never draw zero-gradient rows anyway.
     live_rows: where the joint graph proves rows of an op's output gradient zero (a head that
         reads one token: ``[CLS]`` pooling, the last position), the op's weight gradient reads
         only the other rows, exactly, and its activation is saved for those rows only
@@ -410,6 +416,7 @@ class WTACRSConfig:
     ops: tuple = ("linear",)
     pack_masks: bool = False
     grad_norm_feedback: bool = False
+    padding_mask: Optional[str] = "attention_mask"
     live_rows: bool = True
     memory_budget: Optional[float] = 0.1
     min_draw_gain: float = 32.0
@@ -449,6 +456,12 @@ class WTACRSConfig:
                     f"activation_memory_budget; 1.0 = Inductor's default partition) or None, got {b!r}"
                 )
             object.__setattr__(self, "memory_budget", float(b))
+        m = self.padding_mask
+        if m is not None and (not isinstance(m, str) or not m.isidentifier()):
+            _fail(
+                f"padding_mask must be the name of the graph input that marks padding (e.g. "
+                f"'attention_mask') or None to draw without it, got {m!r}"
+            )
         g = self.min_draw_gain
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             _fail(

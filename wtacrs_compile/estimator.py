@@ -258,29 +258,27 @@ def gradient_draw(
     return idx, weighted_rows(g_rows, idx, w)
 
 
-@torch.library.custom_op("wtacrs::gradient_draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _gradient_draw(
-    x_norms: Tensor, g: Tensor, k: int, g_t: bool, adaptive: bool, fraction: float, systematic: bool,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`gradient_draw` as one graph op (``recompute_draw_inputs``): G's norms, the
-    noise, the draw and G's weighted rows as eager ATen calls (``g_t``: G given
-    transposed).  X's side stays traced (:func:`backward_estimate`): its norms and its k
-    rows are a reduction and a gather that Inductor fuses into X's producer, so the
-    partitioner may still recompute X (a GeLU or LayerNorm output) instead of saving it;
-    an op's inputs are materialized, and the min-cut then keeps them saved.  Tagged random:
-    its noise comes from the draws' stream, so it is never merged or replayed."""
-    return _eager_gradient_draw(x_norms, g, k, g_t, adaptive, fraction, systematic)
-
-
 def _eager_gradient_draw(
     x_norms: Tensor, g: Tensor, k: int, g_t: bool, adaptive: bool, fraction: float, systematic: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`gradient_draw` from the ops' arguments, G's norms in one eager pass: the body
-    of both ops."""
+    """:func:`gradient_draw` from an op's arguments, G's norms in one eager pass: the body of
+    ``wtacrs::gradient_draw`` and G's side of ``wtacrs::backward_estimate``."""
     return gradient_draw(
         x_norms, as_rows(g, g_t), k, "adaptive" if adaptive else fraction,
         "systematic" if systematic else "iid", inline=True, norms=_eager_row_norms,
     )
+
+
+# ``wtacrs::gradient_draw``: :func:`gradient_draw` as one graph op (``recompute_draw_inputs``):
+# G's norms, the noise, the draw and G's weighted rows as eager ATen calls (``g_t``: G given
+# transposed).  X's side stays traced (:func:`backward_estimate`): its norms and its k rows
+# are a reduction and a gather that Inductor fuses into X's producer, so the partitioner may
+# still recompute X (a GeLU or LayerNorm output) instead of saving it; an op's inputs are
+# materialized, and the min-cut then keeps them saved.  Tagged random: its noise comes from
+# the draws' stream, so it is never merged or replayed.
+_gradient_draw = torch.library.custom_op(
+    "wtacrs::gradient_draw", _eager_gradient_draw, mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
 
 
 @_gradient_draw.register_fake
@@ -290,36 +288,27 @@ def _(x_norms, g, k, g_t, adaptive, fraction, systematic):
     return rows.new_empty(shape, dtype=torch.int64), rows.new_empty((*shape, rows.shape[-1]))
 
 
-def backward_estimate(
-    x: Tensor,
-    g: Tensor,
-    k: int,
-    x_t: bool,
-    g_t: bool,
-    x_side: str,
-    deterministic: DeterministicT = "adaptive",
-    sampling: str = "systematic",
-    inline: bool = False,
-    trace_x: bool = False,
-) -> Tensor:
-    """A weight gradient drawn in backward: the site's product over ``k`` rows drawn with
+def backward_estimate(x: Tensor, g: Tensor, x_t: bool, g_t: bool, x_side: str, draw: DrawSpec,
+                      trace_x: bool = False) -> Tensor:
+    """A weight gradient drawn in backward: the site's product over ``draw.k`` rows drawn with
     ``p ∝ ||x_i|| ||g_i||``, G's rows scaled by their weights.  ``x_t``/``g_t``: the operand
     is given transposed (``d x N``); ``x_side``: ``"a"`` for ``X^T G``, ``"b"`` for ``G^T X``.
 
     By default the whole estimate is one op, ``wtacrs::backward_estimate``.  ``trace_x`` (or
-    ``inline``): X's norms, X's k rows and the product are traced ops and G's side is one op,
+    ``draw.inline``): X's norms, X's k rows and the product are traced ops and G's side is one op,
     ``wtacrs::gradient_draw`` (traced in too with ``inline``), so that the partitioner may
     recompute X inside those kernels; where nothing could recompute X (a graph input, a
     matmul's output) they would only cost Inductor two more kernels to compile."""
-    adaptive = deterministic == "adaptive"
-    fraction = -1.0 if adaptive else float(deterministic)
-    systematic = sampling == "systematic"
-    if not (trace_x or inline):
-        return torch.ops.wtacrs.backward_estimate(x, g, k, x_t, g_t, x_side == "a", adaptive, fraction, systematic)
     xr = as_rows(x, x_t)
+    k = draw.k_of(xr.shape[-2])
+    adaptive = draw.deterministic == "adaptive"
+    fraction = -1.0 if adaptive else float(draw.deterministic)
+    systematic = draw.sampling == "systematic"
+    if not (trace_x or draw.inline):
+        return torch.ops.wtacrs.backward_estimate(x, g, k, x_t, g_t, x_side == "a", adaptive, fraction, systematic)
     x_norms = row_norms(xr)
-    if inline:
-        idx, gs = gradient_draw(x_norms, as_rows(g, g_t), k, deterministic, sampling, inline=True)
+    if draw.inline:
+        idx, gs = gradient_draw(x_norms, as_rows(g, g_t), k, draw.deterministic, draw.sampling, inline=True)
     else:
         idx, gs = torch.ops.wtacrs.gradient_draw(x_norms, g, k, g_t, adaptive, fraction, systematic)
     return product(gs, take_rows(xr, idx), x_side)

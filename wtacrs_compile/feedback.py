@@ -26,15 +26,27 @@ A site's ``N`` rows are ``B`` examples times ``S`` positions (``N = B * S``): ro
 position ``r % S`` of example ``ids[r // S]``.  The cache holds one float16 per (example,
 position, site): 2 bytes, grown on demand.
 
+A draw several sites read (Q, K and V share their input's draw) serves several products
+``G_s^T X`` at once; the draw that minimises their summed variance has
+``p_i ∝ ||x_i|| * sqrt(sum_s ||g_i^s||^2)``.  Each reader writes its own ``||g_i^s||``
+(``readers`` of them per backward): the cache adds the squares and stores the root once the
+last reader has written.
+
+Without example ids the cache still learns: it keeps a running per-position estimate (the
+mean of ``||g_i||`` over the batch's examples at each of the ``S`` positions, averaged over
+steps with weight ``POSITION_DECAY`` on the past), so a draw sees from the second step on
+which positions carry gradient (``[CLS]``, the short sentences' tokens) and which mostly do
+not (the padded tail).  ``S`` comes from the site's shape (``positions``); a site whose rows
+do not split into positions (``positions=0``) reads ones: the plain ``||x_i||`` draw.
+
 Correctness never rests on the cache.  Any ``p`` with ``p_i > 0`` where ``x_i g_i^T != 0`` is
 unbiased, so every cached norm gets a tenth of the batch's mean added (a defensive mixture:
 a row whose gradient was ~0 last step and is not now keeps a fair chance, and its weight
-stays bounded), rows never seen take the mean, and without ids (or when ``N`` is not a multiple of the batch, or the ids
-do not fit) the read returns ones: the plain ``||x_i||`` draw.  A wrong or stale cache costs
-variance, never bias.  Only draws one site reads use the cache: Q, K and V share their
-input's draw, and one projection's cached norms say nothing about the others' (a padded key
-has no value gradient but its query has one).  Writes pair with the ids of the forward pass that read the cache (a
-FIFO per site, so gradient accumulation's forward-forward-backward-backward orders work).
+stays bounded), rows never seen take the mean, and before anything is cached (or when ``N``
+does not split into the ids or the positions) the read returns ones: the plain ``||x_i||``
+draw.  A wrong or stale cache costs variance, never bias.  Writes pair with the ids of the
+forward pass that read the cache (a FIFO per site, so gradient accumulation's
+forward-forward-backward-backward orders work).
 """
 
 from __future__ import annotations
@@ -43,11 +55,12 @@ import collections
 import contextlib
 import itertools
 import weakref
-from typing import Deque, Dict, Optional
+from typing import Deque, Dict, Optional, Tuple
 
 import torch
 
 DEFENSIVE = 0.1  # p ∝ ||x_i|| (ĝ_i + DEFENSIVE * mean ĝ): p_i > 0, weights at most ~1/DEFENSIVE x the plain draw's
+POSITION_DECAY = 0.9  # without ids: the per-position estimate's weight on the steps before
 _QUEUE = 64  # pending forward reads per site without a backward (eval with grad on): capped
 
 _CACHES: "weakref.WeakValueDictionary[str, GradNormCache]" = weakref.WeakValueDictionary()
@@ -55,14 +68,17 @@ _IDS = itertools.count()
 
 
 class GradNormCache:
-    """Per-example gradient-row norms of every sampled site of one backend."""
+    """Per-example (or, without ids, per-position) gradient-row norms of every sampled site
+    of one backend."""
 
     def __init__(self) -> None:
         self.name = f"c{next(_IDS)}"
         _CACHES[self.name] = self
         self._ids: Optional[torch.Tensor] = None
         self._norms: Dict[str, torch.Tensor] = {}  # site -> (num_ids, S) float16, NaN = unseen
+        self._positions: Dict[str, torch.Tensor] = {}  # site -> (S,) float32, without ids
         self._pending: Dict[str, Deque[Optional[torch.Tensor]]] = {}
+        self._partial: Dict[str, Tuple[int, torch.Tensor]] = {}  # site -> (writes, sum of squares)
 
     def key(self, site: str) -> str:
         return f"{self.name}|{site}"
@@ -89,28 +105,50 @@ class GradNormCache:
             return None
         return n // ids.numel()
 
-    def read(self, site: str, n: int, device) -> torch.Tensor:
+    def read(self, site: str, n: int, device, positions: int = 0) -> torch.Tensor:
+        """Scores ``(n,)`` to multiply ``||x_i||`` by: cached norms plus the defensive share,
+        or ones where nothing applies."""
         ids = self._ids
         queue = self._pending.setdefault(site, collections.deque(maxlen=_QUEUE))
         queue.append(ids)
+        ones = torch.ones(n, dtype=torch.float32, device=device)
+        if ids is None:
+            table = self._positions.get(site)
+            if table is None or positions <= 0 or n % positions or table.numel() != positions:
+                return ones
+            mean = table.mean().clamp_min(torch.finfo(torch.float32).tiny)
+            return (table + DEFENSIVE * mean).repeat(n // positions).to(device)
         s = self._rows(n, ids)
         table = self._norms.get(site)
         if s is None or table is None:
-            return torch.ones(n, dtype=torch.float32, device=device)
+            return ones
         vals = torch.full((ids.numel(), s), float("nan"))
         known = ids < table.shape[0]
         width = min(s, table.shape[1])
         vals[known, :width] = table[ids[known], :width].float()
         seen = ~torch.isnan(vals)
         if not bool(seen.any()):
-            return torch.ones(n, dtype=torch.float32, device=device)
+            return ones
         mean = vals[seen].mean().clamp_min(torch.finfo(torch.float32).tiny)
         vals = torch.where(seen, vals, mean) + DEFENSIVE * mean
         return vals.reshape(n).to(device)
 
-    def write(self, site: str, gnorms: torch.Tensor) -> None:
+    def write(self, site: str, gnorms: torch.Tensor, readers: int = 1, positions: int = 0) -> None:
+        """Store this step's ``||g_i||`` of a draw's rows; a draw ``readers`` sites read
+        stores ``sqrt(sum_s ||g_i^s||^2)`` once the last of them has written."""
+        gnorms = gnorms.detach().float().cpu()
+        if readers > 1:
+            count, squares = self._partial.pop(site, (0, torch.zeros_like(gnorms)))
+            count, squares = count + 1, squares + gnorms**2
+            if count < readers:
+                self._partial[site] = (count, squares)
+                return
+            gnorms = squares.sqrt()
         queue = self._pending.get(site)
         ids = queue.popleft() if queue else None
+        if ids is None:
+            self._write_positions(site, gnorms, positions)
+            return
         s = self._rows(gnorms.numel(), ids)
         if s is None:
             return
@@ -123,10 +161,21 @@ class GradNormCache:
             if table is not None:
                 grown[: table.shape[0], : table.shape[1]] = table
             table = self._norms[site] = grown
-        table[ids, :s] = gnorms.detach().float().reshape(-1, s).cpu().clamp_max(6e4).half()
+        table[ids, :s] = gnorms.reshape(-1, s).clamp_max(6e4).half()
+
+    def _write_positions(self, site: str, gnorms: torch.Tensor, positions: int) -> None:
+        if positions <= 0 or gnorms.numel() % positions:
+            return
+        step = gnorms.reshape(-1, positions).mean(0)
+        before = self._positions.get(site)
+        if before is None or before.numel() != positions:
+            self._positions[site] = step
+        else:
+            self._positions[site] = POSITION_DECAY * before + (1 - POSITION_DECAY) * step
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._norms.values())
+        tables = list(self._norms.values()) + list(self._positions.values())
+        return sum(t.numel() * t.element_size() for t in tables)
 
 
 def _lookup(key: str):
@@ -135,26 +184,28 @@ def _lookup(key: str):
 
 
 @torch.library.custom_op("wtacrs::gnorm_read", mutates_args=())
-def gnorm_read(rows: torch.Tensor, key: str) -> torch.Tensor:
+def gnorm_read(rows: torch.Tensor, key: str, positions: int) -> torch.Tensor:
+    """The cached scores of ``rows``' N rows (``positions``: rows per example, 0 unknown)."""
     cache, site = _lookup(key)
     if cache is None:
         return torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
-    return cache.read(site, rows.shape[0], rows.device)
+    return cache.read(site, rows.shape[0], rows.device, positions)
 
 
 @gnorm_read.register_fake
-def _(rows, key):
+def _(rows, key, positions):
     return rows.new_empty((rows.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("wtacrs::gnorm_write", mutates_args=())
-def gnorm_write(gnorms: torch.Tensor, key: str) -> torch.Tensor:
+def gnorm_write(gnorms: torch.Tensor, key: str, readers: int, positions: int) -> torch.Tensor:
+    """Store one reader's ``||g_i||`` (``readers``: sites sharing the draw)."""
     cache, site = _lookup(key)
     if cache is not None:
-        cache.write(site, gnorms)
+        cache.write(site, gnorms, readers, positions)
     return gnorms.new_zeros((1,))
 
 
 @gnorm_write.register_fake
-def _(gnorms, key):
+def _(gnorms, key, readers, positions):
     return gnorms.new_empty((1,))

@@ -222,9 +222,9 @@ def is_random(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
-def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any:
-    """Insert a traced forward draw over ``x`` right after it (and after the placeholders),
-    with ``x``'s module metadata; its noise (``torch_internals.replayable_uniform``) is tagged to
+def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node, *inputs: fx.Node) -> Any:
+    """Insert a traced forward draw over ``x`` (and graph ``inputs``, placeholders such as a
+    padding mask) right after it (and after the placeholders), with ``x``'s module metadata; its noise (``torch_internals.replayable_uniform``) is tagged to
     be replayed, never redrawn, if the partitioner recomputes the draw (``wtacrs::draw``) in
     backward (it may: no forward output reads the draw, so the partitioner does not ban its
     recomputation).  Returns the draw's outputs, marked ``meta["wtacrs"] = "forward_sample"``."""
@@ -233,7 +233,7 @@ def insert_forward_draw(graph: fx.Graph, sub: fx.GraphModule, x: fx.Node) -> Any
         before = before.next
     meta = {key: x.meta[key] for key in ("nn_module_stack", "stack_trace") if key in x.meta}
     existing = set(graph.nodes)
-    outs = insert_graph(graph, sub, [x], before=before, meta=meta)
+    outs = insert_graph(graph, sub, [x, *inputs], before=before, meta=meta)
     for node in set(graph.nodes) - existing:
         if is_random(node):
             replay_in_backward(node)

@@ -32,6 +32,8 @@ class OpRecord:
     annotation: Dict[str, Any] = field(default_factory=dict)  # wtacrs_compile.annotate settings (applied after rules)
     shared_draw_with: Optional[str] = None  # sibling op whose forward draw this op reuses
     grad_norm_feedback: bool = False  # its draw reads cached ||g_i|| (config.grad_norm_feedback)
+    # forward-drawn linears: the padding prior of the draw (config.padding_mask), or why none
+    padding_mask: str = ""
     # Inductor's default partition saves this op's activation and the exact partition under
     # the memory budget recomputes it in backward instead (no sampling involved)
     recomputed: bool = False

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import pathlib
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from ..config import OpSettings, WTACRSConfig, warn_unmatched_rules
 from ..estimator import DrawSpec
 from ..graph_utils import (
     PartitionerSettings, SavedSet, copy_graph, fw_bw_flops, input_bytes, joint_flops, partition_saved, saved_value_bytes,
-    traced_size,
+    traced_size, val,
 )
 from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
@@ -49,8 +50,9 @@ from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
+from .padding_prior import PaddingMask, find_padding_masks
 from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_forward_sample
-from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
+from .sample_matmul import Feedback, draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 
@@ -134,6 +136,23 @@ def complete_from_compiled(report: CompileReport, saved: SavedSet, flops: Dict[s
         report.flops["wtacrs"] = dict(flops)
 
 
+def _positions(x_root: fx.Node, n: int) -> int:
+    """Rows per example of a site whose N rows flatten ``(B, S, D)`` activations: ``S``, or
+    0 where X does not have that shape (the feedback cache then needs example ids)."""
+    shape = getattr(val(x_root), "shape", ())
+    if len(shape) < 3 or not all(isinstance(d, int) for d in shape):
+        return 0
+    return shape[-2] if math.prod(shape[:-1]) == n else 0
+
+
+def _padding_note(padding: Optional[Tuple[bool, str]]) -> str:
+    """The report's word on a forward draw's padding prior ("" for other ops)."""
+    if padding is None:
+        return ""
+    used, text = padding
+    return f"rows {text} pads get p = 0 (checked in backward)" if used else f"none: {text}"
+
+
 def _type_name(types) -> str:
     return types[0].__name__ if types else ""
 
@@ -149,8 +168,10 @@ class WTACRSJointPass(CustomGraphPass):
         graph_tag: int = 0,
         partitioner: Optional[PartitionerSettings] = None,
         plans: Optional[PlanCache] = None,
+        input_names: Tuple[str, ...] = (),
     ) -> None:
         self.config = config
+        self.input_names = tuple(input_names)  # the Dynamo graph's inputs: primals_{i+1} is input i
         self.partitioner = partitioner  # the compile's memory budget; None: torch's settings
         self.feedback = feedback  # a feedback.GradNormCache when config.grad_norm_feedback
         self.graph_tag = graph_tag
@@ -165,7 +186,7 @@ class WTACRSJointPass(CustomGraphPass):
     ) -> "WTACRSJointPass":
         """The pass for one compile of a Dynamo graph: its parameters are the static inputs
         (AOTAutograd names input i ``primals_{i+1}``), its partitions run under the config's
-        memory budget; ``kw``: feedback, graph_tag, plans."""
+        memory budget; ``kw``: feedback, graph_tag, plans, input_names."""
         static = tuple(static_input_indices)
         params = frozenset(f"primals_{i + 1}" for i in static)
         report = report if report is not None else CompileReport(config=config.to_dict())
@@ -176,6 +197,7 @@ class WTACRSJointPass(CustomGraphPass):
         h.update(source_hash().encode())
         h.update(self.config.fingerprint().encode())
         h.update(",".join(sorted(self.params)).encode())
+        h.update(",".join(self.input_names).encode())  # the padding mask is found by name
         if self.feedback is not None:  # the cache's name and the graph's number are baked in
             h.update(f"{self.feedback.name}:{self.graph_tag}".encode())
         return h.hexdigest()
@@ -433,40 +455,46 @@ class WTACRSJointPass(CustomGraphPass):
         draws: Dict[tuple, tuple] = {}
         applied = plan_memory.Applied()
         shared = applied.shared
-        # Feedback only for a draw one site reads: the cached ||g_i|| of one of several
-        # gradients (Q/K/V share their input's draw) can be ~0 where another's is not.
-        readers = collections.Counter(
-            site.x_key for site in sites if assign[site.node] == plan_memory.MEMORY and site.kind != "bmm"
-        )
+        # Sites reading each forward draw: with feedback, each writes its ||g_i^s|| and the
+        # cache keeps sqrt(sum_s ||g_i^s||^2) for the draw (Q/K/V share their input's draw).
+        # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
+        draw_of = {
+            site.node: DrawSpec(s.k_for if site.dynamic_n else s.k_for(site.n), s.deterministic, s.sampling,
+                                self.config.inline_draws, self.config.recompute_draw_inputs)
+            for site in sites for s in [settings[site.node]]
+        }
+        forward = [site for site in sites if assign[site.node] == plan_memory.MEMORY]
+        readers = collections.Counter((site.x_key, draw_of[site.node]) for site in forward if site.kind != "bmm")
+        padding = find_padding_masks(graph, forward, self.input_names, self.config.padding_mask)
         for site in sites:
-            s = settings[site.node]
-            # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
-            draw = DrawSpec(s.k_for if site.dynamic_n else s.k_for(site.n), s.deterministic, s.sampling,
-                            self.config.inline_draws, self.config.recompute_draw_inputs)
+            draw = draw_of[site.node]
             node = nodes[site.node]
             bmm = site.kind == "bmm"  # a 3-D x_key node is never a linear's: keys cannot clash
             if assign[site.node] == plan_memory.MEMORY:
                 key = (site.x_key, draw)
-                # Gradient-norm feedback (linear layers): the draw reads the cached norms, the
-                # site that owns the draw writes this step's.
-                fb = None
-                if self.feedback is not None and not bmm and readers[site.x_key] == 1:
-                    # the graph's number too: node names repeat across graph-break pieces
-                    fb = self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}")
                 if key not in draws:
                     if bmm:
                         draws[key] = (draw_bmm_forward_sample(graph, node, site, draw, cache), site.node)
-                    else:
-                        draws[key] = (draw_forward_sample(graph, node, site, draw, cache, fb), site.node)
-                else:  # never with fb: a draw with feedback has one reader
+                    else:  # gradient-norm feedback (linear layers), keyed by the draw's first site
+                        fb = None
+                        if self.feedback is not None:  # the graph's number too: names repeat across pieces
+                            fb = Feedback(self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}"),
+                                          readers[key], _positions(nodes[site.x_root], site.n))
+                        mask = padding[site.node]
+                        mask_node = nodes[mask.node] if isinstance(mask, PaddingMask) else None
+                        draws[key] = (draw_forward_sample(graph, node, site, draw, cache, fb, mask_node), site.node)
+                else:
                     shared[site.node] = draws[key][1]
+                if not bmm:  # a shared draw's prior is its first reader's
+                    owner = padding[draws[key][1]]
+                    applied.padding[site.node] = (True, owner.input) if isinstance(owner, PaddingMask) else (False, owner)
                 applied.rows[site.node] = draws[key][0].rows.name
-                if fb is not None:
-                    applied.feedback_sites.add(site.node)
                 if bmm:
                     rewrite_bmm_with_forward_sample(graph, node, site, draws[key][0], cache)
                 else:
-                    rewrite_with_forward_sample(graph, node, site, draws[key][0], cache, fb)
+                    if draws[key][0].feedback is not None:
+                        applied.feedback_sites.add(site.node)
+                    rewrite_with_forward_sample(graph, node, site, draws[key][0], cache)
             else:
                 rewrite_with_backward_sample(graph, node, site, draw, cache)
         graph.eliminate_dead_code()
@@ -597,6 +625,9 @@ class WTACRSJointPass(CustomGraphPass):
             after = site.x_bytes(live.count)
         if site.node in resolved.notes:
             reason += f"; {resolved.notes[site.node]}"
+        padding = _padding_note(outcome.applied.padding.get(site.node))
+        if padding and decision == plan_memory.MEMORY:
+            reason += f"; padding prior: {padding}"
         sampled = decision in (plan_memory.MEMORY, plan_memory.COMPUTE, plan_memory.LIVE_ROWS) and 0 < k < n
         flops_after = site.weight_grad_flops(k) if sampled and flops_before else flops_before
         recomputed = site.node in outcome.recomputed
@@ -625,6 +656,7 @@ class WTACRSJointPass(CustomGraphPass):
             annotation=dict(s.annotation),
             shared_draw_with=shared.get(site.node),
             grad_norm_feedback=site.node in outcome.applied.feedback_sites,
+            padding_mask=padding,
             sample=outcome.applied.rows.get(site.node),
             recomputed=recomputed,
             input_node=site.x_root,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
@@ -61,6 +61,9 @@ class Applied:
     shared: Dict[str, str] = field(default_factory=dict)  # site -> site whose draw it reuses
     rows: Dict[str, str] = field(default_factory=dict)  # site -> forward sample node name
     feedback_sites: Set[str] = field(default_factory=set)  # draws reading cached ||g_i||
+    # forward-drawn linear sites -> (True, the padding mask input their draw uses) or
+    # (False, why it uses none)
+    padding: Dict[str, Tuple[bool, str]] = field(default_factory=dict)
 
 
 def saved_roots(saved: SavedSet) -> Set[str]:

@@ -43,6 +43,17 @@ from .row_ops import as_rows, bmm_operands, mm_operands, product
 
 
 
+@dataclass(frozen=True)
+class Feedback:
+    """A forward draw's entry in the gradient-norm cache (:mod:`~wtacrs_compile.feedback`):
+    its key, how many sites read the draw (each writes its ``||g_i||``), and the positions
+    per example of its N rows (0: unknown)."""
+
+    key: str
+    readers: int = 1
+    positions: int = 0
+
+
 @dataclass
 class ForwardSample:
     """The saved sample of one activation, shared by every site that reads it."""
@@ -50,6 +61,8 @@ class ForwardSample:
     idx: fx.Node
     weight: fx.Node
     rows: fx.Node
+    feedback: Optional[Feedback] = None
+    live: Optional[fx.Node] = None  # the rows the padding mask keeps (padding_prior.py)
 
 
 def draw_forward_sample(
@@ -58,51 +71,57 @@ def draw_forward_sample(
     site: MatmulSite,
     draw: DrawSpec,
     cache: Optional[dict] = None,
-    feedback: Optional[str] = None,
+    feedback: Optional[Feedback] = None,
+    mask: Optional[fx.Node] = None,
 ) -> ForwardSample:
     """Insert the forward draw for ``site``'s activation; tag its outputs MUST_SAVE.
 
-    ``feedback``: a :mod:`~wtacrs_compile.feedback` cache key; scores become
-    ``||x_i|| * cached ||g_i||``."""
+    ``feedback``: the draw's cache entry; scores become ``||x_i|| * cached ||g_i||``.
+    ``mask``: the padding mask input whose flattened positions are X's rows; rows it pads get
+    probability 0 (:mod:`.padding_prior`)."""
     x, x_t, _, _ = mm_operands(node, site)
 
-    def sample(x_in):
+    def sample(x_in, *mask_in):
         rows = as_rows(x_in, x_t)
         scores = row_norms(rows)
         if feedback is not None:
-            scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback)
+            scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback.key, feedback.positions)
+        live = ()
+        if mask_in:
+            live = (mask_in[0].reshape(-1) != 0,)
+            scores = scores * live[0]
         idx, w = draw.sample(scores, noise=replayable_uniform)
-        return idx, w, rows[idx]
+        return (idx, w, rows[idx], *live)
 
-    sub = trace(sample, [val(x)], fake_mode_of(graph), cache, ("fwd_sample", x_t, draw, feedback))
-    idx, w, rows = insert_forward_draw(graph, sub, x)
-    return ForwardSample(idx, w, rows)
+    inputs = [x] if mask is None else [x, mask]
+    sub = trace(sample, [val(a) for a in inputs], fake_mode_of(graph), cache, ("fwd_sample", x_t, draw, feedback))
+    idx, w, rows, *live = insert_forward_draw(graph, sub, *inputs)
+    return ForwardSample(idx, w, rows, feedback, live[0] if live else None)
 
 
 def rewrite_with_forward_sample(
-    graph: fx.Graph,
-    node: fx.Node,
-    site: MatmulSite,
-    sample: ForwardSample,
-    cache: Optional[dict] = None,
-    feedback: Optional[str] = None,
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, sample: ForwardSample, cache: Optional[dict] = None
 ) -> None:
-    """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample.
-
-    ``feedback``: also store this step's ``||g_i||`` in the feedback cache."""
+    """``mm(G^T, X)`` -> ``mm((w * G[idx])^T, X[idx])`` with the saved forward sample; with
+    the sample's feedback entry, also store this step's ``||g_i||`` in the cache; with its
+    padding mask, check that the padded rows of G are zero."""
     _, _, g, g_t = mm_operands(node, site)
+    feedback, where = sample.feedback, f"{site.fqn or site.node} ({site.node})"
 
-    def estimate(g_in, idx, w, xs):
+    def estimate(g_in, idx, w, xs, *live):
         rows = as_rows(g_in, g_t)
         scaled = rows[idx].float() * w.unsqueeze(-1)
-        if feedback is not None:  # adds a zero the compiler cannot fold: keeps the write alive
-            scaled = scaled + torch.ops.wtacrs.gnorm_write(row_norms(rows), feedback)
+        # each adds a zero the compiler cannot fold: keeps the call alive
+        if feedback is not None:
+            write = torch.ops.wtacrs.gnorm_write(row_norms(rows), feedback.key, feedback.readers, feedback.positions)
+            scaled = scaled + write
+        if live:
+            scaled = scaled + torch.ops.wtacrs.padded_rows_zero(rows, live[0], where)
         return product(scaled.to(rows.dtype), xs, site.x_side)
 
-    args = [g, sample.idx, sample.weight, sample.rows]
-    sub = trace(
-        estimate, [val(a) for a in args], fake_mode_of(graph), cache, ("fwd_estimate", g_t, site.x_side, feedback)
-    )
+    args = [g, sample.idx, sample.weight, sample.rows] + ([sample.live] if sample.live is not None else [])
+    key = ("fwd_estimate", g_t, site.x_side, feedback, where if sample.live is not None else None)
+    sub = trace(estimate, [val(a) for a in args], fake_mode_of(graph), cache, key)
     replace_with_estimate(graph, node, sub, args)
 
 
@@ -125,10 +144,7 @@ def rewrite_with_backward_sample(
     trace_x = draw.recompute_x and recomputable(x)
 
     def estimate(x_in, g_in):
-        k = draw.k_of(as_rows(x_in, x_t).shape[-2])
-        return backward_estimate(
-            x_in, g_in, k, x_t, g_t, site.x_side, draw.deterministic, draw.sampling, draw.inline, trace_x
-        )
+        return backward_estimate(x_in, g_in, x_t, g_t, site.x_side, draw, trace_x)
 
     key = ("bwd_estimate", site.kind == "bmm", x_t, g_t, site.x_side, draw, trace_x)
     sub = trace(estimate, [val(x), val(g)], fake_mode_of(graph), cache, key)
