@@ -10,8 +10,8 @@ Configurations: forward draws with ``p ∝ ||x_i||`` (``mode="all"``, the paper'
 cached norms, which the first release used), and backward draws with the exact
 ``p ∝ ||x_i|| ||g_i||`` (``mode="compute"``, the default); each with the paper's i.i.d. draws
 (``sampling="iid"``) and with systematic ones (the default); forward draws also with the
-last layer's ``[CLS]``-only gradients read exactly (``live_rows``, the default), and with the
-gradient-norm feedback (``grad_norm_feedback``: cached ``||g_i||`` per position without
+last layer's ``[CLS]``-only gradients read exactly (``live_rows``, the default), with the
+padded rows left out (``padding_mask``, the default), and with the gradient-norm feedback (``grad_norm_feedback``: cached ``||g_i||`` per position without
 example ids, per example with them; Q/K/V's shared draw uses the root of their summed
 squares).  Dropout is off (eval-mode dropout
 with train-mode autograd) so the exact gradient is deterministic.
@@ -35,15 +35,19 @@ import common  # noqa: E402
 
 CONFIGS = {
     "forward draw, ‖x‖ (mode all, i.i.d.)": {"mode": "all", "memory_budget": None, "sampling": "iid",
-                                             "live_rows": False},
-    "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None, "live_rows": False},
+                                             "live_rows": False, "padding_mask": None},
+    "forward draw, ‖x‖ (mode all, systematic)": {"mode": "all", "memory_budget": None, "live_rows": False,
+                                                 "padding_mask": None},
     # + zero rows: ops whose G the graph proves zero outside the [CLS] rows read those rows exactly
-    "forward draw, ‖x‖ + live rows (mode all, systematic)": {"mode": "all", "memory_budget": None},
+    "forward draw, ‖x‖ + live rows (mode all, systematic)": {"mode": "all", "memory_budget": None,
+                                                             "padding_mask": None},
+    # + the padding prior (the default): rows attention_mask pads get p = 0
+    "forward draw, ‖x‖ + live rows + padding (mode all)": {"mode": "all", "memory_budget": None},
     # + feedback: the cache filled by one step on the same batch and weights (an optimistic
     # bound on a cache an epoch old); without ids the per-position running estimate
-    "forward draw, ‖x‖·ĝ per position + live rows (mode all, no ids)": {
+    "forward draw, ‖x‖·ĝ per position + live rows + padding (mode all, no ids)": {
         "mode": "all", "memory_budget": None, "grad_norm_feedback": True},
-    "forward draw, ‖x‖·ĝ per example + live rows (mode all, example ids)": {
+    "forward draw, ‖x‖·ĝ per example + live rows + padding (mode all, example ids)": {
         "mode": "all", "memory_budget": None, "grad_norm_feedback": True, "ids": True},
     "backward draw, ‖x‖·‖g‖ (compute, i.i.d.)": {"mode": "compute", "sampling": "iid"},
     "backward draw, ‖x‖·‖g‖ (compute, systematic: default)": {"mode": "compute"},
