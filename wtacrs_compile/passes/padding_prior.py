@@ -93,7 +93,7 @@ def _rows_in_mask_order(x: fx.Node, x_t: bool, mask_shape: torch.Size) -> bool:
         try:
             for view in reversed(chain):
                 ids = view.target(ids, *view.args[1:], **view.kwargs)
-        except Exception:  # a view argument that is not a plain value: not provable here
+        except (RuntimeError, TypeError, ValueError):  # a view that does not apply to row ids: not provable here
             return False
         rows = ids.transpose(-1, -2) if x_t else ids
         if rows.dim() != 2 or rows.shape[0] != n:
