@@ -303,3 +303,53 @@ def test_cache_pairs_writes_with_the_forward_that_read_in_fifo_order():
     torch.testing.assert_close(got, want)
     with cache.example_ids(torch.tensor([0, 1, 2, 3])):  # 6 rows do not split over 4 ids
         assert torch.equal(cache.read("s", 6, "cpu"), torch.ones(6))
+
+
+class Attention(nn.Module):
+    """``softmax(Q K^T) V`` over (batch, heads): both products are attention bmm sites."""
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def test_attention_bmm_draws_read_the_cache_per_example_head_and_position():
+    """Forward draws of attention's bmm products (opt-in ``ops=("linear", "bmm")``) read the
+    cached ``||g_i||`` of each (example, head, row): unbiased, and lower variance where a few
+    rows carry the gradient."""
+    from stats import assert_entries_unbiased
+
+    model = Attention()
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 2, 16, 8, generator=gen) for _ in range(3))
+    t = torch.randn(3, 2, 16, 8, generator=gen) * (torch.rand(3, 2, 16, 1, generator=gen) ** 4)
+    ids = torch.tensor([4, 0, 7])
+
+    def grads(fn):
+        ins = [a.detach().requires_grad_(True) for a in (q, k, v)]
+        return torch.autograd.grad((fn(*ins) * t).sum(), ins)
+
+    exact = grads(torch.compile(model, backend="inductor"))
+    variance = {}
+    for feedback in (False, True):
+        torch._dynamo.reset()
+        b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.25, mode="all",
+                                   min_draw_gain=0, grad_norm_feedback=feedback)
+        compiled = torch.compile(model, backend=b)
+        with b.example_ids(ids):
+            grads(compiled)  # fills the cache
+        ops = b.reports[0].ops
+        assert {op.op for op in ops} == {"bmm"} and {op.decision for op in ops} == {"memory"}
+        assert all(op.grad_norm_feedback for op in ops) == feedback
+        if feedback:  # one float16 per (example id < 8, head x row of the draw: 16 positions or 8 features)
+            assert {tuple(tab.shape) for tab in b.feedback._norms.values()} <= {(8, 2 * 16), (8, 2 * 8)}
+        torch.manual_seed(0)
+        draws = []
+        for _ in range(300):
+            with b.example_ids(ids):
+                draws.append(grads(compiled))
+        for i in range(3):
+            stack = torch.stack([d[i] for d in draws])
+            assert_entries_unbiased(stack.flatten(1, 2), exact[i].flatten(0, 1), groups=6)
+            variance[feedback, i] = relative_variance(stack, exact[i])
+    # V's gradient is P^T G: its draw over the query rows sees ||g_i|| through the cache
+    assert variance[True, 2] < 0.7 * variance[False, 2], variance

@@ -7,10 +7,10 @@ In the forward pass ``g`` is unknown; the paper reuses the gradient-row norms th
 training example had the last time it was seen.  The compiled graphs cannot take new inputs
 from a joint-graph pass, so the cache is reached through two opaque custom ops:
 
-* ``wtacrs::gnorm_read(rows, key)`` in the forward draw: the cached ``||g_i||`` of the rows of
-  the current batch, float32, shape ``(N,)``;
-* ``wtacrs::gnorm_write(g_rows, key)`` in backward, next to the estimate that reads the
-  draw: stores ``||g_i||`` for the same rows.  Its output, one zero the compiler cannot
+* ``wtacrs::gnorm_read(scores, key, positions)`` in the forward draw: the cached ``||g_i||``
+  of the rows of the current batch, float32, shape ``(N,)``;
+* ``wtacrs::gnorm_write(g_norms, key, readers, positions)`` in backward, next to each
+  estimate that reads the draw: stores ``||g_i||`` for the same rows.  Its output, one zero the compiler cannot
   fold, is added to the estimate so that the call is never dead code.
 
 ``key`` names a :class:`GradNormCache` (kept by its backend, found through a weak registry)
@@ -23,7 +23,8 @@ and the sampled site.  Rows map to examples by the ids the user gives for the ba
     loss.backward()
 
 A site's ``N`` rows are ``B`` examples times ``S`` positions (``N = B * S``): row ``r`` is
-position ``r % S`` of example ``ids[r // S]``.  The cache holds one float16 per (example,
+position ``r % S`` of example ``ids[r // S]``.  An attention ``bmm`` draw's rows are its
+``(batch x head, n)`` rows flattened: ``S = heads * n`` per example.  The cache holds one float16 per (example,
 position, site): 2 bytes, grown on demand.
 
 A draw several sites read (Q, K and V share their input's draw) serves several products
@@ -184,17 +185,18 @@ def _lookup(key: str):
 
 
 @torch.library.custom_op("wtacrs::gnorm_read", mutates_args=())
-def gnorm_read(rows: torch.Tensor, key: str, positions: int) -> torch.Tensor:
-    """The cached scores of ``rows``' N rows (``positions``: rows per example, 0 unknown)."""
+def gnorm_read(scores: torch.Tensor, key: str, positions: int) -> torch.Tensor:
+    """The cached factors for a draw's N rows, given its flat ``||x_i||`` scores (only their
+    length and device are read; ``positions``: rows per example, 0 unknown)."""
     cache, site = _lookup(key)
     if cache is None:
-        return torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
-    return cache.read(site, rows.shape[0], rows.device, positions)
+        return torch.ones(scores.shape[0], dtype=torch.float32, device=scores.device)
+    return cache.read(site, scores.shape[0], scores.device, positions)
 
 
 @gnorm_read.register_fake
-def _(rows, key, positions):
-    return rows.new_empty((rows.shape[0],), dtype=torch.float32)
+def _(scores, key, positions):
+    return scores.new_empty((scores.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("wtacrs::gnorm_write", mutates_args=())

@@ -136,13 +136,14 @@ def complete_from_compiled(report: CompileReport, saved: SavedSet, flops: Dict[s
         report.flops["wtacrs"] = dict(flops)
 
 
-def _positions(x_root: fx.Node, n: int) -> int:
-    """Rows per example of a site whose N rows flatten ``(B, S, D)`` activations: ``S``, or
-    0 where X does not have that shape (the feedback cache then needs example ids)."""
+def _positions(x_root: fx.Node, rows: int) -> int:
+    """Rows per example of a draw whose rows flatten a ``(B, ..., D)`` activation (``(B, S, D)``
+    for a linear, ``(B, H, S, D)`` for attention): ``prod(...)``, or 0 where X has no such
+    shape (the feedback cache then needs example ids)."""
     shape = getattr(val(x_root), "shape", ())
     if len(shape) < 3 or not all(isinstance(d, int) for d in shape):
         return 0
-    return shape[-2] if math.prod(shape[:-1]) == n else 0
+    return math.prod(shape[1:-1]) if math.prod(shape[:-1]) == rows else 0
 
 
 def _padding_note(padding: Optional[Tuple[bool, str]]) -> str:
@@ -464,7 +465,7 @@ class WTACRSJointPass(CustomGraphPass):
             for site in sites for s in [settings[site.node]]
         }
         forward = [site for site in sites if assign[site.node] == plan_memory.MEMORY]
-        readers = collections.Counter((site.x_key, draw_of[site.node]) for site in forward if site.kind != "bmm")
+        readers = collections.Counter((site.x_key, draw_of[site.node]) for site in forward)
         padding = find_padding_masks(graph, forward, self.input_names, self.config.padding_mask)
         for site in sites:
             draw = draw_of[site.node]
@@ -473,13 +474,13 @@ class WTACRSJointPass(CustomGraphPass):
             if assign[site.node] == plan_memory.MEMORY:
                 key = (site.x_key, draw)
                 if key not in draws:
+                    fb = None  # gradient-norm feedback, keyed by the draw's first site
+                    if self.feedback is not None:  # the graph's number too: names repeat across pieces
+                        fb = Feedback(self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}"),
+                                      readers[key], _positions(nodes[site.x_root], site.batch * site.n))
                     if bmm:
-                        draws[key] = (draw_bmm_forward_sample(graph, node, site, draw, cache), site.node)
-                    else:  # gradient-norm feedback (linear layers), keyed by the draw's first site
-                        fb = None
-                        if self.feedback is not None:  # the graph's number too: names repeat across pieces
-                            fb = Feedback(self.feedback.key(f"{self.graph_tag}:{site.fqn}:{site.node}"),
-                                          readers[key], _positions(nodes[site.x_root], site.n))
+                        draws[key] = (draw_bmm_forward_sample(graph, node, site, draw, cache, fb), site.node)
+                    else:
                         mask = padding[site.node]
                         mask_node = nodes[mask.node] if isinstance(mask, PaddingMask) else None
                         draws[key] = (draw_forward_sample(graph, node, site, draw, cache, fb, mask_node), site.node)
@@ -489,11 +490,11 @@ class WTACRSJointPass(CustomGraphPass):
                     owner = padding[draws[key][1]]
                     applied.padding[site.node] = (True, owner.input) if isinstance(owner, PaddingMask) else (False, owner)
                 applied.rows[site.node] = draws[key][0].rows.name
+                if draws[key][0].feedback is not None:
+                    applied.feedback_sites.add(site.node)
                 if bmm:
                     rewrite_bmm_with_forward_sample(graph, node, site, draws[key][0], cache)
                 else:
-                    if draws[key][0].feedback is not None:
-                        applied.feedback_sites.add(site.node)
                     rewrite_with_forward_sample(graph, node, site, draws[key][0], cache)
             else:
                 rewrite_with_backward_sample(graph, node, site, draw, cache)

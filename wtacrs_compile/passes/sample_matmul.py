@@ -85,7 +85,7 @@ def draw_forward_sample(
         rows = as_rows(x_in, x_t)
         scores = row_norms(rows)
         if feedback is not None:
-            scores = scores * torch.ops.wtacrs.gnorm_read(rows, feedback.key, feedback.positions)
+            scores = scores * torch.ops.wtacrs.gnorm_read(scores, feedback.key, feedback.positions)
         live = ()
         if mask_in:
             live = (mask_in[0].reshape(-1) != 0,)
