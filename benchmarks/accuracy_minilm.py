@@ -62,6 +62,10 @@ CONFIGS = {
                                                "memory_budget": None, "feedback": True},
     "wtacrs r=0.1": {"kind": "wtacrs", "ratio": 0.1, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
+    # every linear drawn in forward with all the forward-draw probabilities that need no
+    # example ids: live rows, the padding prior, the per-position gradient-norm cache
+    "wtacrs r=0.3 all feedback per position": {"kind": "wtacrs", "ratio": 0.3, "mode": "all",
+                                               "memory_budget": None, "grad_norm_feedback": True},
     "wtacrs r=0.1 all": {"kind": "wtacrs", "ratio": 0.1, "mode": "all"},
     # the paper's gradient-norm feedback: needs a previous epoch to have cached norms
     "wtacrs r=0.3 feedback": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "feedback": True},

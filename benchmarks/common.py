@@ -221,7 +221,8 @@ class Recorder:
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
             options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling",
-                                                 "inline_draws", "recompute_draw_inputs", "padding_mask") if key in cfg}
+                                                 "inline_draws", "recompute_draw_inputs", "padding_mask", "grad_norm_feedback")
+                       if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True
             self.wtacrs = wtacrs_backend(**options)
