@@ -353,3 +353,19 @@ def test_attention_bmm_draws_read_the_cache_per_example_head_and_position():
             variance[feedback, i] = relative_variance(stack, exact[i])
     # V's gradient is P^T G: its draw over the query rows sees ||g_i|| through the cache
     assert variance[True, 2] < 0.7 * variance[False, 2], variance
+
+
+def test_attention_draws_without_ids_keep_one_estimate_per_head_and_row():
+    """Without ids, an attention draw's rows are (batch x heads, n): its per-position table has
+    heads x n entries (the batch is the leading dim of the activation the rows come from)."""
+    model = Attention()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, 16, 8, generator=gen).requires_grad_(True) for _ in range(3))
+    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.25, mode="all",
+                               min_draw_gain=0, grad_norm_feedback=True)
+    compiled = torch.compile(model, backend=b)
+    for _ in range(2):
+        compiled(q, k, v).sum().backward()
+    tables = b.feedback._positions
+    assert tables and {t.numel() for t in tables.values()} <= {2 * 16, 2 * 8}, {s: t.shape for s, t in tables.items()}
+    assert all(bool(torch.isfinite(t).all()) for t in tables.values())

@@ -58,12 +58,8 @@ class BmmForwardSample:
 
 
 def draw_bmm_forward_sample(
-    graph: fx.Graph,
-    node: fx.Node,
-    site: MatmulSite,
-    draw: DrawSpec,
-    cache: Optional[dict] = None,
-    feedback: Optional[Feedback] = None,
+    graph: fx.Graph, node: fx.Node, site: MatmulSite, draw: DrawSpec,
+    cache: Optional[dict] = None, feedback: Optional[Feedback] = None,
 ) -> BmmForwardSample:
     """Insert the forward draw of ``site``'s X rows, ``p_i ∝ ||x_i||`` per batch entry, times
     the cached ``||g_i||`` of each (batch entry, row) with ``feedback``."""
