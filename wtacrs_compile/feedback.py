@@ -10,8 +10,8 @@ from a joint-graph pass, so the cache is reached through two opaque custom ops:
 * ``wtacrs::gnorm_read(scores, key, positions)`` in the forward draw: the cached ``||g_i||``
   of the rows of the current batch, float32, shape ``(N,)``;
 * ``wtacrs::gnorm_write(g_norms, key, readers, positions)`` in backward, next to each
-  estimate that reads the draw: stores ``||g_i||`` for the same rows.  Its output, one zero the compiler cannot
-  fold, is added to the estimate so that the call is never dead code.
+  estimate that reads the draw: stores ``||g_i||`` for the same rows.  Its output, one zero
+  the compiler cannot fold, is added to the estimate so that the call is never dead code.
 
 ``key`` names a :class:`GradNormCache` (kept by its backend, found through a weak registry)
 and the sampled site.  Rows map to examples by the ids the user gives for the batch::
@@ -24,8 +24,8 @@ and the sampled site.  Rows map to examples by the ids the user gives for the ba
 
 A site's ``N`` rows are ``B`` examples times ``S`` positions (``N = B * S``): row ``r`` is
 position ``r % S`` of example ``ids[r // S]``.  An attention ``bmm`` draw's rows are its
-``(batch x head, n)`` rows flattened: ``S = heads * n`` per example.  The cache holds one float16 per (example,
-position, site): 2 bytes, grown on demand.
+``(batch x head, n)`` rows flattened: ``S = heads * n`` per example.  The cache holds one
+float16 per (example, position, draw): 2 bytes, grown on demand.
 
 A draw several sites read (Q, K and V share their input's draw) serves several products
 ``G_s^T X`` at once; the draw that minimises their summed variance has
