@@ -53,6 +53,13 @@ def relative_variance(draws, exact):
     return float(((draws - exact) ** 2).flatten(1).sum(1).mean() / (exact**2).sum())
 
 
+def compile_drawing(model, feedback, ratio=0.2, **options):
+    """A fresh compile of ``model`` drawing every op in forward (mode all, no budget)."""
+    torch._dynamo.reset()
+    b = wtacrs_compile.backend(memory_budget=None, ratio=ratio, mode="all", grad_norm_feedback=feedback, **options)
+    return b, torch.compile(model, backend=b)
+
+
 def test_feedback_is_unbiased_lowers_variance_and_is_compact():
     model = mlp()
     x, t = heavy_batch()
@@ -60,9 +67,7 @@ def test_feedback_is_unbiased_lowers_variance_and_is_compact():
     exact = weight_grads(model, torch.compile(model, backend="inductor"), x, t)
     variance = {}
     for feedback in (False, True):
-        torch._dynamo.reset()
-        b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
-        compiled = torch.compile(model, backend=b)
+        b, compiled = compile_drawing(model, feedback)
         with b.example_ids(ids):
             weight_grads(model, compiled, x, t)  # the first step fills the cache
         draws = []
@@ -144,9 +149,7 @@ def test_a_shared_draw_reads_the_root_of_its_readers_summed_squares():
     exact = grads(torch.compile(model, backend="inductor"))
     total = {}
     for feedback in (False, True):
-        torch._dynamo.reset()
-        b = wtacrs_compile.backend(memory_budget=None, ratio=0.2, mode="all", grad_norm_feedback=feedback)
-        compiled = torch.compile(model, backend=b)
+        b, compiled = compile_drawing(model, feedback)
         with b.example_ids(ids):
             grads(compiled)
         ops = b.reports[0].ops
@@ -331,10 +334,7 @@ def test_attention_bmm_draws_read_the_cache_per_example_head_and_position():
     exact = grads(torch.compile(model, backend="inductor"))
     variance = {}
     for feedback in (False, True):
-        torch._dynamo.reset()
-        b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.25, mode="all",
-                                   min_draw_gain=0, grad_norm_feedback=feedback)
-        compiled = torch.compile(model, backend=b)
+        b, compiled = compile_drawing(model, feedback, ratio=0.25, ops=("linear", "bmm"), min_draw_gain=0)
         with b.example_ids(ids):
             grads(compiled)  # fills the cache
         ops = b.reports[0].ops
@@ -361,9 +361,7 @@ def test_attention_draws_without_ids_keep_one_estimate_per_head_and_row():
     model = Attention()
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(3, 2, 16, 8, generator=gen).requires_grad_(True) for _ in range(3))
-    b = wtacrs_compile.backend(memory_budget=None, ops=("linear", "bmm"), ratio=0.25, mode="all",
-                               min_draw_gain=0, grad_norm_feedback=True)
-    compiled = torch.compile(model, backend=b)
+    b, compiled = compile_drawing(model, True, ratio=0.25, ops=("linear", "bmm"), min_draw_gain=0)
     for _ in range(2):
         compiled(q, k, v).sum().backward()
     tables = b.feedback._positions
