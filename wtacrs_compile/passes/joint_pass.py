@@ -52,7 +52,8 @@ from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
 from .padding_prior import PaddingMask, find_padding_masks
 from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_forward_sample
-from .sample_matmul import Feedback, draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
+from .row_ops import Feedback
+from .sample_matmul import draw_forward_sample, rewrite_with_backward_sample, rewrite_with_forward_sample
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 
@@ -386,10 +387,14 @@ class WTACRSJointPass(CustomGraphPass):
         by_name = {s.node: s for s in resolved.sites}
         settings = resolved.settings
 
-        def apply(g: fx.Graph, assign: Dict[str, str]) -> plan_memory.Applied:
-            return self._apply(g, [by_name[n] for n in assign], assign, settings, cache)
-
         candidates = resolved.candidates
+        # which padding mask each site that may draw in forward uses: once, not per trial
+        forward = [s for s in candidates if settings[s.node].mode != plan_memory.COMPUTE]
+        padding = find_padding_masks(graph, forward, self.input_names, self.config.padding_mask) if forward else {}
+
+        def apply(g: fx.Graph, assign: Dict[str, str]) -> plan_memory.Applied:
+            return self._apply(g, [by_name[n] for n in assign], assign, settings, cache, padding)
+
         if not candidates:
             if baseline.saved is not None:
                 self.report.measurements["baseline"] = baseline.saved.activation_bytes
@@ -449,24 +454,27 @@ class WTACRSJointPass(CustomGraphPass):
         assign: Dict[str, str],
         settings: Dict[str, OpSettings],
         cache: dict,
+        padding: Dict[str, object],
     ) -> plan_memory.Applied:
         """Rewrite ``sites`` of ``graph`` per ``assign``: which draws are shared, which forward
-        sample node each site reads, which draws read the gradient-norm cache."""
+        sample node each site reads, which draws read the gradient-norm cache.  ``padding``:
+        :func:`find_padding_masks` of every site that may draw in forward (by node name, so it
+        holds for the planner's copies too)."""
         nodes = {n.name: n for n in graph.nodes}
         draws: Dict[tuple, tuple] = {}
         applied = plan_memory.Applied()
         shared = applied.shared
-        # Sites reading each forward draw: with feedback, each writes its ||g_i^s|| and the
-        # cache keeps sqrt(sum_s ||g_i^s||^2) for the draw (Q/K/V share their input's draw).
         # Symbolic N: the rewrite computes k = s.k_for(N) as a SymInt from the traced shape.
         draw_of = {
             site.node: DrawSpec(s.k_for if site.dynamic_n else s.k_for(site.n), s.deterministic, s.sampling,
                                 self.config.inline_draws, self.config.recompute_draw_inputs)
             for site in sites for s in [settings[site.node]]
         }
-        forward = [site for site in sites if assign[site.node] == plan_memory.MEMORY]
-        readers = collections.Counter((site.x_key, draw_of[site.node]) for site in forward)
-        padding = find_padding_masks(graph, forward, self.input_names, self.config.padding_mask)
+        # Sites reading each forward draw: with feedback, each writes its ||g_i^s|| and the
+        # cache keeps sqrt(sum_s ||g_i^s||^2) for the draw (Q/K/V share their input's draw).
+        readers = collections.Counter(
+            (site.x_key, draw_of[site.node]) for site in sites if assign[site.node] == plan_memory.MEMORY
+        )
         for site in sites:
             draw = draw_of[site.node]
             node = nodes[site.node]

@@ -57,7 +57,7 @@ def _input_matches(name: str, wanted: str) -> bool:
     return name == wanted or name.endswith("_" + wanted)
 
 
-def mask_inputs(graph: fx.Graph, input_names: Sequence[str], wanted: str) -> List[fx.Node]:
+def mask_inputs(graph: fx.Graph, input_names: Sequence[str], wanted: str) -> List[PaddingMask]:
     """The joint graph's placeholders for the Dynamo inputs named ``wanted`` that can be a
     padding mask: 2-D, integer or boolean (AOTAutograd names input i ``primals_{i+1}``)."""
     found = []
@@ -70,7 +70,7 @@ def mask_inputs(graph: fx.Graph, input_names: Sequence[str], wanted: str) -> Lis
             i < len(input_names) and _input_matches(input_names[i], wanted) and isinstance(v, torch.Tensor)
             and v.dim() == 2 and not v.dtype.is_floating_point and not v.dtype.is_complex
         ):
-            found.append(node)
+            found.append(PaddingMask(node.name, input_names[i]))
     return found
 
 
@@ -119,10 +119,9 @@ def find_padding_masks(
             out[site.node] = f"no 2-D integer input named {wanted!r}"
             continue
         x, x_t, _, _ = mm_operands(nodes[site.node], site)
-        fits = [m for m in masks if _rows_in_mask_order(x, x_t, val(m).shape)]
+        fits = [m for m in masks if _rows_in_mask_order(x, x_t, val(nodes[m.node]).shape)]
         if len(fits) == 1:
-            i = int(fits[0].target.rsplit("_", 1)[1]) - 1
-            out[site.node] = PaddingMask(fits[0].name, input_names[i])
+            out[site.node] = fits[0]
         else:
             out[site.node] = (f"rows are not the positions of {wanted!r}" if not fits
                               else f"{len(fits)} inputs named {wanted!r} fit")

@@ -12,6 +12,7 @@ only in what they pick.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch.fx as fx
@@ -42,3 +43,14 @@ def bmm_operands(node: fx.Node, site: MatmulSite) -> Tuple[fx.Node, bool, fx.Nod
     x, x_t = operand_rows(a if x_first else b, first=x_first)
     g, g_t = operand_rows(b if x_first else a, first=not x_first)
     return x, x_t, g, g_t
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A forward draw's entry in the gradient-norm cache (:mod:`~wtacrs_compile.feedback`):
+    its key, how many sites read the draw (each writes its ``||g_i||``), and the positions
+    per example of its N rows (0: unknown)."""
+
+    key: str
+    readers: int = 1
+    positions: int = 0

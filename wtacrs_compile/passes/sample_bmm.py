@@ -43,8 +43,7 @@ from ..estimator import DrawSpec, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
-from .row_ops import as_rows, bmm_operands, product, take_rows, weighted_rows
-from .sample_matmul import Feedback
+from .row_ops import Feedback, as_rows, bmm_operands, product, take_rows, weighted_rows
 
 
 @dataclass

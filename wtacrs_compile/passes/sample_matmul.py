@@ -39,19 +39,8 @@ from ..estimator import DrawSpec, backward_estimate, row_norms
 from ..torch_internals import replayable_uniform
 from ..graph_utils import fake_mode_of, insert_forward_draw, recomputable, replace_with_estimate, trace, val
 from .match_matmuls import MatmulSite
-from .row_ops import as_rows, bmm_operands, mm_operands, product
+from .row_ops import Feedback, as_rows, bmm_operands, mm_operands, product
 
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """A forward draw's entry in the gradient-norm cache (:mod:`~wtacrs_compile.feedback`):
-    its key, how many sites read the draw (each writes its ``||g_i||``), and the positions
-    per example of its N rows (0: unknown)."""
-
-    key: str
-    readers: int = 1
-    positions: int = 0
 
 
 @dataclass
