@@ -20,6 +20,12 @@ Figures per configuration:
 - step_ratio: median step time (zero_grad, forward, backward, SGD step) over interleaved
   rounds after warm-up, divided by Inductor's median in the same run; its spread is the
   ratio in each round (step_ratio_per_round, min and max).
+- cpu_ratio: the same ratio of the process's CPU time per step (time.process_time: every
+  thread's time on a core, not the time it waited for one).  With --threads 1 it is the
+  work a step does, which another job on the machine, descheduling, or a late OpenMP thread
+  does not move (they move wall time on a shared machine by more than the effects measured):
+  the low-noise clock for a step-time ratio on a CPU.  With several threads it also counts
+  OpenMP's spin-waits, so it is reported beside the wall-clock ratio, not in its place.
 - peak_step_bytes (CPU): after warm-up and the timed rounds, the process's RSS right before a
   step is the baseline, the peak-RSS counter is reset (/proc/self/clear_refs) and one step
   runs: its peak RSS minus the baseline (includes the gradients the step allocates).  glibc's
@@ -70,6 +76,9 @@ def main() -> None:
                    help="interleaved timed rounds after warm-up; 0: no step times (bytes and FLOPs only, "
                         "for a machine that is not quiet)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int,
+                   help="torch.set_num_threads before anything compiles (Inductor's kernels take it); "
+                        "1 makes the CPU-time ratio the step's work")
     p.add_argument("--cap-gib", type=float, default=8.0, help="saved-activation cap for max_batch_under_cap")
     p.add_argument("--no-modes", action="store_true", help="only ratios, no planner modes")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-RSS measurement")
@@ -113,6 +122,8 @@ def run(args) -> None:
 
     import common
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common.raise_recompile_limits()
     configs = common.configurations(modes=not args.no_modes)
     if args.only:
@@ -159,13 +170,15 @@ def run(args) -> None:
         for e in live:
             _step(*[e["_run"][0], data, e["_run"][1], e["_run"][2]])
     times = {e["name"]: [] for e in live}
+    cpu_times = {e["name"]: [] for e in live}
     for r in range(args.rounds):
         order = live if r % 2 == 0 else live[::-1]  # alternate the order: no position bias
         for e in order:
             fn, model, opt = e["_run"]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             _step(fn, data, model, opt)
             times[e["name"]].append(time.perf_counter() - t0)
+            cpu_times[e["name"]].append(time.process_time() - c0)
     if not args.no_peak and not args.peak_subprocess:
         # Peak of one step, in this process: RSS right before the step is the baseline, the
         # peak-RSS counter is reset, one step runs.  Other configurations' state is in the
@@ -180,6 +193,7 @@ def run(args) -> None:
             e["peak_step_bytes"] = common.vm("VmHWM") - base
             e["peak_method"] = "in-process: VmHWM during one step minus VmRSS before it"
     ref = statistics.median(times["inductor"]) if times.get("inductor") else None
+    cpu_ref = statistics.median(cpu_times["inductor"]) if cpu_times.get("inductor") else None
     for e in live:
         if not times[e["name"]]:  # --rounds 0: not timed
             e["step_s_median"] = e["step_ratio_vs_inductor"] = e["compile_s"] = None
@@ -194,6 +208,14 @@ def run(args) -> None:
             per_round = sorted(t / i for t, i in zip(times[e["name"]], times["inductor"]))
             e["step_ratio_per_round"] = per_round
             e["step_ratio_min_max"] = [per_round[0], per_round[-1]]
+        cpu = cpu_times[e["name"]]
+        e["cpu_s_median"] = statistics.median(cpu)
+        e["cpu_s_all"] = cpu
+        if cpu_ref:
+            e["cpu_ratio_vs_inductor"] = e["cpu_s_median"] / cpu_ref
+            per_round = sorted(t / i for t, i in zip(cpu, cpu_times["inductor"]))
+            e["cpu_ratio_per_round"] = per_round
+            e["cpu_ratio_min_max"] = [per_round[0], per_round[-1]]
         e["compile_s"] = e["first_step_s"] - med if e["config"]["kind"] != "eager" else 0.0
         del e["_run"]
     gc.collect()
@@ -229,6 +251,7 @@ def run(args) -> None:
             "layers_reduced_to": args.layers, "parameters": n_params,
         },
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "cap_gib": args.cap_gib,
+                     "threads": torch.get_num_threads(),
                      "optimizer": "SGD lr=1e-4", "peak_method": ("CPU: VmHWM during one step minus VmRSS right before it, glibc MALLOC_MMAP_THRESHOLD_=131072, "
                                        + ("each configuration in a fresh subprocess" if args.peak_subprocess else "all configurations in this process"))},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -238,7 +261,7 @@ def run(args) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(str(stem) + ".json").write_text(json.dumps(out, indent=1, default=str))
     cols = ["name", "status", "saved_bytes", "saved_vs_inductor", "saved_vs_eager", "peak_step_bytes",
-            "step_s_median", "step_ratio_vs_inductor", "compile_s", "max_batch_under_cap",
+            "step_s_median", "step_ratio_vs_inductor", "cpu_s_median", "cpu_ratio_vs_inductor", "compile_s", "max_batch_under_cap",
             "forward_flops", "backward_flops", "backward_flops_vs_inductor",
             "graphs", "ops", "ops_memory", "ops_compute", "ops_exact", "error"]
     with open(str(stem) + ".csv", "w", newline="") as f:
@@ -250,6 +273,7 @@ def run(args) -> None:
     for e in entries:
         print(f"  {e['name']:<28} saved {e.get('saved_bytes', 0) / 2**20:8.1f} MiB "
               f"x{e.get('saved_vs_inductor', float('nan')):.2f} vs inductor  step x{e.get('step_ratio_vs_inductor') or float('nan'):.2f}"
+              f" (CPU time x{e.get('cpu_ratio_vs_inductor') or float('nan'):.2f})"
               f"  bw FLOPs x{e.get('backward_flops_vs_inductor') or float('nan'):.2f}"
               f"  compile {e.get('compile_s') or float('nan'):6.1f} s  peak {e.get('peak_step_bytes', 0) / 2**20:8.1f} MiB  {e['status']}")
 

@@ -34,35 +34,42 @@ def _seconds(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
-def _ratio(e: Dict[str, Any]) -> str:
-    """The median step-time ratio, with its spread over interleaved rounds when recorded."""
-    spread = e.get("step_ratio_min_max")
+def _ratio(e: Dict[str, Any], clock: str = "step") -> str:
+    """The median step-time ratio ("step": wall clock, "cpu": CPU time), with its spread over
+    interleaved rounds when recorded."""
+    spread = e.get(f"{clock}_ratio_min_max")
     if spread and e["name"] != "inductor":
-        return f"{_x(e.get('step_ratio_vs_inductor'))} ({spread[0]:.2f}-{spread[1]:.2f})"
-    return _x(e.get("step_ratio_vs_inductor"))
+        return f"{_x(e.get(f'{clock}_ratio_vs_inductor'))} ({spread[0]:.2f}-{spread[1]:.2f})"
+    return _x(e.get(f"{clock}_ratio_vs_inductor"))
 
 
 def memory_table(res: Dict[str, Any]) -> str:
     m, mach = res["model"], res["machine"]
     layers = f", layers reduced to {m['layers_reduced_to']}" if m.get("layers_reduced_to") else ""
+    # CPU time per step is recorded since the --threads option; older files have only wall time
+    cpu = any(e.get("cpu_ratio_vs_inductor") is not None for e in res["results"])
+    threads = res["settings"].get("threads") or mach.get("torch_threads")
+    cpu_head = f" CPU time vs Inductor, {threads} thread{'s' if threads != 1 else ''} (min-max) |" if cpu else ""
     lines = [
         f"#### {m['name']}: {m['description']}, batch {m['batch']}{layers}",
         "",
         f"`{res['command']}` ({mach['device']}, {mach['cpu_count']} cores, torch {mach['torch']}, {_commit(mach)}{res['time']})",
         "",
-        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) | backward matmul FLOPs vs Inductor | compile s | max batch, saved acts <= "
+        "| configuration | saved activations MiB | / Inductor's | / eager's | peak step RSS MiB | step time vs Inductor (min-max over rounds) |"
+        f"{cpu_head} backward matmul FLOPs vs Inductor | compile s | max batch, saved acts <= "
         f"{res['settings']['cap_gib']:g} GiB | ops memory/compute/exact |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if cpu else "") + " ---: | ---: | ---: | --- |",
     ]
     for e in res["results"]:
         if e.get("status") != "ok":
-            lines.append(f"| {e['name']} | failed: {e.get('error', '')[:120]} | | | | | | | | |")
+            lines.append(f"| {e['name']} | failed: {e.get('error', '')[:120]} | | | | | |" + (" |" if cpu else "") + " | | | |")
             continue
         saved = _mib(e.get("saved_bytes")) + (" (autograd)" if e["config"]["kind"] == "eager" else "")
         ops = (f"{e['ops_memory']}/{e['ops_compute']}/{e['ops_exact']}" if "ops" in e else "")
         lines.append(
             f"| {e['name']} | {saved} | {_x(e.get('saved_vs_inductor'))} | {_x(e.get('saved_vs_eager'))} | "
-            f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} | {_x(e.get('backward_flops_vs_inductor'))} | "
+            f"{_mib(e.get('peak_step_bytes'))} | {_ratio(e)} |" + (f" {_ratio(e, 'cpu')} |" if cpu else "")
+            + f" {_x(e.get('backward_flops_vs_inductor'))} | "
             f"{_seconds(e.get('compile_s'))} | {e.get('max_batch_under_cap', '')} | {ops} |"
         )
     by = {e["name"]: e for e in res["results"] if e.get("saved_bytes")}

@@ -38,6 +38,28 @@ def test_table_from_results_file(tmp_path):
     assert "reduced 4.00x against eager, 2.00x against Inductor" in text
 
 
+def test_cpu_time_column_where_recorded(tmp_path):
+    res = {
+        "command": "python benchmarks/memory_time.py --model minilm --threads 1",
+        "machine": {"device": "cpu", "cpu_count": 2, "torch": "2.14.1"},
+        "model": {"name": "minilm", "description": "MiniLM", "batch": 32},
+        "settings": {"cap_gib": 8.0, "threads": 1},
+        "time": "now",
+        "results": [
+            _entry("inductor", "inductor", 2 * 2**20, cpu_ratio_vs_inductor=1.0),
+            _entry("wtacrs default", "wtacrs", 2**20, step_ratio_min_max=[0.9, 1.2],
+                   cpu_ratio_vs_inductor=0.85, cpu_ratio_min_max=[0.84, 0.87]),
+        ],
+    }
+    (tmp_path / "memory_time-minilm.json").write_text(json.dumps(res))
+    text = report.generate(tmp_path)
+    assert "CPU time vs Inductor, 1 thread (min-max) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| wtacrs default |"))
+    assert "| 1.00x (0.90-1.20) | 0.85x (0.84-0.87) |" in row
+    header = next(line for line in text.splitlines() if line.startswith("| configuration"))
+    assert row.count("|") == header.count("|")
+
+
 def test_accuracy_tables_for_both_tasks(tmp_path):
     machine = {"device": "cpu", "torch": "2.14.1"}
     summary = {
