@@ -20,12 +20,15 @@ Figures per configuration:
 - step_ratio: median step time (zero_grad, forward, backward, SGD step) over interleaved
   rounds after warm-up, divided by Inductor's median in the same run; its spread is the
   ratio in each round (step_ratio_per_round, min and max).
-- cpu_ratio: the same ratio of the process's CPU time per step (time.process_time: every
-  thread's time on a core, not the time it waited for one).  With --threads 1 it is the
-  work a step does, which another job on the machine, descheduling, or a late OpenMP thread
-  does not move (they move wall time on a shared machine by more than the effects measured):
-  the low-noise clock for a step-time ratio on a CPU.  With several threads it also counts
-  OpenMP's spin-waits, so it is reported beside the wall-clock ratio, not in its place.
+- step_ratio_ci95: a 95 % bootstrap interval of step_ratio (rounds resampled with
+  replacement, Inductor's and the configuration's steps of a round kept together): how well
+  the median ratio is known from this many rounds.  On the shared 2-core machine this work
+  ran on, a one-thread matmul loop's speed drifts by +-15 % over seconds with its CPU time
+  equal to its wall time (the host's speed, not descheduling), so no clock removes the
+  noise; rounds do.
+- cpu_ratio: the same ratio of the process's CPU time per step (time.process_time, every
+  thread); with --threads 1 it differs from wall time only by time spent descheduled, with
+  several threads it also counts OpenMP's spin-waits.
 - peak_step_bytes (CPU): after warm-up and the timed rounds, the process's RSS right before a
   step is the baseline, the peak-RSS counter is reset (/proc/self/clear_refs) and one step
   runs: its peak RSS minus the baseline (includes the gradients the step allocates).  glibc's
@@ -106,6 +109,21 @@ def main() -> None:
     if cache == _cache_dir(args.model) and cache.exists():
         shutil.rmtree(cache)
     run(args)
+
+
+def bootstrap_ci(times, ref, draws: int = 2000, seed: int = 0):
+    """95 % interval of median(times) / median(ref) over rounds resampled with replacement
+    (the two lists are paired by round)."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(times)
+    ratios = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(times[i] for i in idx) / statistics.median(ref[i] for i in idx))
+    ratios.sort()
+    return [ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]]
 
 
 def _step(fn, data, model, opt):
@@ -208,6 +226,7 @@ def run(args) -> None:
             per_round = sorted(t / i for t, i in zip(times[e["name"]], times["inductor"]))
             e["step_ratio_per_round"] = per_round
             e["step_ratio_min_max"] = [per_round[0], per_round[-1]]
+            e["step_ratio_ci95"] = bootstrap_ci(times[e["name"]], times["inductor"])
         cpu = cpu_times[e["name"]]
         e["cpu_s_median"] = statistics.median(cpu)
         e["cpu_s_all"] = cpu
@@ -216,6 +235,7 @@ def run(args) -> None:
             per_round = sorted(t / i for t, i in zip(cpu, cpu_times["inductor"]))
             e["cpu_ratio_per_round"] = per_round
             e["cpu_ratio_min_max"] = [per_round[0], per_round[-1]]
+            e["cpu_ratio_ci95"] = bootstrap_ci(cpu, cpu_times["inductor"])
         e["compile_s"] = e["first_step_s"] - med if e["config"]["kind"] != "eager" else 0.0
         del e["_run"]
     gc.collect()

@@ -37,9 +37,10 @@ def _seconds(v: Optional[float]) -> str:
 def _ratio(e: Dict[str, Any], clock: str = "step") -> str:
     """The median step-time ratio ("step": wall clock, "cpu": CPU time), with its spread over
     interleaved rounds when recorded."""
-    spread = e.get(f"{clock}_ratio_min_max")
+    spread, ci = e.get(f"{clock}_ratio_min_max"), e.get(f"{clock}_ratio_ci95")
     if spread and e["name"] != "inductor":
-        return f"{_x(e.get(f'{clock}_ratio_vs_inductor'))} ({spread[0]:.2f}-{spread[1]:.2f})"
+        ci = f"; 95 % CI {ci[0]:.2f}-{ci[1]:.2f}" if ci else ""
+        return f"{_x(e.get(f'{clock}_ratio_vs_inductor'))} ({spread[0]:.2f}-{spread[1]:.2f}{ci})"
     return _x(e.get(f"{clock}_ratio_vs_inductor"))
 
 

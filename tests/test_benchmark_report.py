@@ -47,7 +47,7 @@ def test_cpu_time_column_where_recorded(tmp_path):
         "time": "now",
         "results": [
             _entry("inductor", "inductor", 2 * 2**20, cpu_ratio_vs_inductor=1.0),
-            _entry("wtacrs default", "wtacrs", 2**20, step_ratio_min_max=[0.9, 1.2],
+            _entry("wtacrs default", "wtacrs", 2**20, step_ratio_min_max=[0.9, 1.2], step_ratio_ci95=[0.95, 1.04],
                    cpu_ratio_vs_inductor=0.85, cpu_ratio_min_max=[0.84, 0.87]),
         ],
     }
@@ -55,7 +55,7 @@ def test_cpu_time_column_where_recorded(tmp_path):
     text = report.generate(tmp_path)
     assert "CPU time vs Inductor, 1 thread (min-max) |" in text
     row = next(line for line in text.splitlines() if line.startswith("| wtacrs default |"))
-    assert "| 1.00x (0.90-1.20) | 0.85x (0.84-0.87) |" in row
+    assert "| 1.00x (0.90-1.20; 95 % CI 0.95-1.04) | 0.85x (0.84-0.87) |" in row
     header = next(line for line in text.splitlines() if line.startswith("| configuration"))
     assert row.count("|") == header.count("|")
 
@@ -145,3 +145,21 @@ def test_accuracy_gap_to_the_mean_of_the_exact_runs(tmp_path):
     # per seed: 0.79 - 0.79 = 0, 0.81 - 0.82 = -0.01: mean -0.5 points, standard error 0.5
     assert "| wtacrs default | 80.00 +- 1.41 | 0, 1 | 79.0, 81.0 | -1.00 +- 0.00 | -0.50 +- 0.50 (n=2) |" in text
     assert "| exact (inductor) reseeded dropout | 80.00 +- 2.80 | 0, 1 | 78.0, 82.0 | -1.00 +- 1.40 | |" in text
+
+
+def test_bootstrap_interval_of_the_median_ratio():
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory_time", Path(__file__).resolve().parent.parent / "benchmarks" / "memory_time.py"
+    )
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    import random
+
+    rng = random.Random(1)
+    # the machine's speed drifts from round to round; the configuration is 0.9x Inductor's step
+    speed = [1 + 0.3 * rng.random() for _ in range(40)]
+    ref = [s * (1 + 0.05 * rng.gauss(0, 1)) for s in speed]
+    times = [0.9 * s * (1 + 0.05 * rng.gauss(0, 1)) for s in speed]
+    lo, hi = mt.bootstrap_ci(times, ref)
+    assert lo < 0.9 < hi and hi - lo < 0.15
+    assert mt.bootstrap_ci(ref, ref) == [1.0, 1.0]
