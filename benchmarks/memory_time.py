@@ -33,7 +33,10 @@ Figures per configuration:
   step is the baseline, the peak-RSS counter is reset (/proc/self/clear_refs) and one step
   runs: its peak RSS minus the baseline (includes the gradients the step allocates).  glibc's
   mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_, the script re-executes itself with it) so
-  freed tensors return to the OS instead of staying cached.  --peak-subprocess measures each
+  freed tensors return to the OS instead of staying cached; that costs every large tensor
+  page faults, so the step times of such a run are not a user's (settings.malloc_mmap_threshold
+  says which allocator a run timed): time with --no-peak or --peak-subprocess, which leave
+  the timed process's allocator alone.  --peak-subprocess measures each
   configuration in a fresh subprocess instead (after setup and two warm-up steps; compiles
   everything twice).
   On CUDA: torch.cuda.max_memory_allocated of the step minus memory allocated before it.
@@ -98,9 +101,15 @@ def main() -> None:
     args.seq = args.seq or seq
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_dir(args.model)))
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
-        # glibc: a fixed mmap threshold returns freed tensors to the OS, so RSS tracks live
-        # memory; re-exec so the allocator starts with it.
+    # glibc: a fixed mmap threshold returns freed tensors to the OS, so RSS tracks live memory
+    # (re-exec so the allocator starts with it).  Only where this process measures the peak:
+    # every tensor over the threshold is then a fresh mmap whose pages the kernel faults in and
+    # zeroes on first touch, which a training process does not pay (glibc's dynamic threshold
+    # reuses freed blocks) and which moved the step-time ratios by more than the draws do
+    # (results/memory_time-minilm-48rounds: the default 1.21x with it, against 0.86x in a
+    # profile without it).  Timed rounds run with the allocator as a user has it.
+    fixed_threshold = args.peak_config or not (args.no_peak or args.peak_subprocess)
+    if fixed_threshold and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:], env)
     if args.peak_config:
@@ -272,6 +281,7 @@ def run(args) -> None:
         },
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "cap_gib": args.cap_gib,
                      "threads": torch.get_num_threads(),
+                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)"),
                      "optimizer": "SGD lr=1e-4", "peak_method": ("CPU: VmHWM during one step minus VmRSS right before it, glibc MALLOC_MMAP_THRESHOLD_=131072, "
                                        + ("each configuration in a fresh subprocess" if args.peak_subprocess else "all configurations in this process"))},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
