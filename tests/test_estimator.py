@@ -290,3 +290,36 @@ def test_backward_estimate_does_the_smaller_matmul():
         with FlopCounterMode(display=False) as counter:
             _backward_estimate(x, g, 60, False, False, False, trace_x=trace_x)
         assert counter.get_total_flops() == 2 * 60 * 12 * 7
+
+
+def test_eager_row_gather_takes_the_rows_of_every_layout():
+    """The ops' bodies gather rows with ``index_select`` (a transposed layout along its
+    columns): the same values as the traced gather, for row-major, transposed, strided and
+    batched operands."""
+    from wtacrs_compile.estimator import take_rows, take_rows_eager
+
+    g0 = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (17,), generator=g0)
+    base = torch.randn(50, 24, generator=g0)
+    for t in (base, torch.randn(24, 50, generator=g0).t(), base[:, 3:19], torch.randn(50, 2, 12, generator=g0)[:, 1]):
+        assert torch.equal(take_rows_eager(t, idx), take_rows(t, idx))
+    batched = torch.randn(3, 50, 8, generator=g0)
+    bidx = torch.randint(0, 50, (3, 17), generator=g0)
+    assert torch.equal(take_rows_eager(batched, bidx), take_rows(batched, bidx))
+
+
+@pytest.mark.parametrize("xs, gs, x_t, g_t, x_first", BACKWARD_CASES)
+def test_backward_estimate_op_equals_its_traced_form(xs, gs, x_t, g_t, x_first):
+    """One draw of the ``wtacrs::backward_estimate`` op (eager gathers) and of the traced X
+    side with the ``wtacrs::gradient_draw`` op, from the same state of the draws' stream:
+    the same rows, so the same estimate up to summation order."""
+    g0 = torch.Generator().manual_seed(2)
+    x, g = torch.randn(xs, generator=g0), torch.randn(gs, generator=g0)
+    n = x.shape[-1] if x_t else x.shape[-2]
+    from wtacrs_compile import rng
+
+    out = []
+    for trace_x in (False, True):
+        rng.manual_seed(5)
+        out.append(_backward_estimate(x, g, n // 3, x_t, g_t, x_first, trace_x=trace_x))
+    torch.testing.assert_close(out[0], out[1])
