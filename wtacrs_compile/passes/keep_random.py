@@ -14,8 +14,13 @@ The backend's default runs the partitioner under a budget, so it must not inheri
     %mul  = mul(%x, %gt)                      %mul  = mul(%x, %gt)
 
 In the min-cut partitioner ``MUST_SAVE`` only bans recomputation: the partitioner still saves
-the cheapest tensor that lets backward do without the random op (the boolean keep-mask, not
-the float noise).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
+the cheapest tensor that lets backward do without the random op.  Under Inductor (its
+``fallback_random`` off, the default) this pass runs after Inductor's ``replace_random``, so
+the random node is the one ``prims.inductor_seeds`` call per device; the masks are
+``inductor_random`` of a seed looked up from it, which carry no random tag.  The seeds are
+then what is saved, and backward draws the masks again from them: the same masks as
+forward's (``tests/test_rng.py``), at the cost of drawing them twice (on the CPU, Philox per
+element: most of what keeps the default's step above Inductor's, docs/performance.md).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
 from the RNG state saved in forward) is left as it is.
 
 A call whose drop probability is a literal 0 (``dropout_p=0.0`` of the fused attention ops,
