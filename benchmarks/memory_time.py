@@ -135,6 +135,22 @@ def bootstrap_ci(times, ref, draws: int = 2000, seed: int = 0):
     return [ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]]
 
 
+def clock_figures(clock: str, samples, ref) -> dict:
+    """One clock's figures for a configuration (``clock``: "step" for wall time, "cpu"):
+    the median and every round, and against Inductor's rounds ``ref`` (when timed) the ratio
+    of medians, the ratio in each interleaved round (same round, same machine load: the
+    spread) and the bootstrap interval."""
+    out = {f"{clock}_s_median": statistics.median(samples), f"{clock}_s_all": samples,
+           f"{clock}_ratio_vs_inductor": None}
+    if ref:
+        out[f"{clock}_ratio_vs_inductor"] = out[f"{clock}_s_median"] / statistics.median(ref)
+        per_round = sorted(t / i for t, i in zip(samples, ref))
+        out[f"{clock}_ratio_per_round"] = per_round
+        out[f"{clock}_ratio_min_max"] = [per_round[0], per_round[-1]]
+        out[f"{clock}_ratio_ci95"] = bootstrap_ci(samples, ref)
+    return out
+
+
 def _step(fn, data, model, opt):
     opt.zero_grad(set_to_none=True)
     loss = fn(**data)
@@ -219,33 +235,14 @@ def run(args) -> None:
             _step(fn, data, model, opt)
             e["peak_step_bytes"] = common.vm("VmHWM") - base
             e["peak_method"] = "in-process: VmHWM during one step minus VmRSS before it"
-    ref = statistics.median(times["inductor"]) if times.get("inductor") else None
-    cpu_ref = statistics.median(cpu_times["inductor"]) if cpu_times.get("inductor") else None
     for e in live:
         if not times[e["name"]]:  # --rounds 0: not timed
             e["step_s_median"] = e["step_ratio_vs_inductor"] = e["compile_s"] = None
             del e["_run"]
             continue
-        med = statistics.median(times[e["name"]])
-        e["step_s_median"] = med
-        e["step_s_all"] = times[e["name"]]
-        e["step_ratio_vs_inductor"] = med / ref if ref else None
-        if ref:
-            # the spread: the ratio in each interleaved round (same round, same machine load)
-            per_round = sorted(t / i for t, i in zip(times[e["name"]], times["inductor"]))
-            e["step_ratio_per_round"] = per_round
-            e["step_ratio_min_max"] = [per_round[0], per_round[-1]]
-            e["step_ratio_ci95"] = bootstrap_ci(times[e["name"]], times["inductor"])
-        cpu = cpu_times[e["name"]]
-        e["cpu_s_median"] = statistics.median(cpu)
-        e["cpu_s_all"] = cpu
-        if cpu_ref:
-            e["cpu_ratio_vs_inductor"] = e["cpu_s_median"] / cpu_ref
-            per_round = sorted(t / i for t, i in zip(cpu, cpu_times["inductor"]))
-            e["cpu_ratio_per_round"] = per_round
-            e["cpu_ratio_min_max"] = [per_round[0], per_round[-1]]
-            e["cpu_ratio_ci95"] = bootstrap_ci(cpu, cpu_times["inductor"])
-        e["compile_s"] = e["first_step_s"] - med if e["config"]["kind"] != "eager" else 0.0
+        e.update(clock_figures("step", times[e["name"]], times.get("inductor")))
+        e.update(clock_figures("cpu", cpu_times[e["name"]], cpu_times.get("inductor")))
+        e["compile_s"] = e["first_step_s"] - e["step_s_median"] if e["config"]["kind"] != "eager" else 0.0
         del e["_run"]
     gc.collect()
 

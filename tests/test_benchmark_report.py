@@ -4,11 +4,18 @@ import importlib.util
 import json
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location(
-    "bench_report", Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
-)
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+
+def _bench_module(name):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _bench_module("report")
 
 
 def _entry(name, kind, saved, **extra):
@@ -148,11 +155,7 @@ def test_accuracy_gap_to_the_mean_of_the_exact_runs(tmp_path):
 
 
 def test_bootstrap_interval_of_the_median_ratio():
-    spec = importlib.util.spec_from_file_location(
-        "bench_memory_time", Path(__file__).resolve().parent.parent / "benchmarks" / "memory_time.py"
-    )
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
+    mt = _bench_module("memory_time")
     import random
 
     rng = random.Random(1)
