@@ -222,7 +222,8 @@ def take_rows_eager(t: Tensor, idx: Tensor) -> Tensor:
     """:func:`take_rows` for the ops' eager bodies: ``index_select``, which on the CPU gathers
     615 of 2,048 rows of a contiguous 2,048 x 1,536 matrix in 0.17 ms against 1.9 ms for
     advanced indexing; rows of a transposed layout (``d x N`` in memory) are gathered as its
-    columns (3.7 ms against 10.6 ms).  The same values as :func:`take_rows`."""
+    columns (3.7 ms against 10.6 ms; a probe of 50 calls each, torch 2.14.1, 2 threads, not
+    committed).  The same values as :func:`take_rows`."""
     if t.dim() != 2:
         return take_rows(t, idx)
     if t.stride(0) == 1 and t.stride(1) != 1:
