@@ -19,37 +19,65 @@ checks by partitioning again that it did.  Packing is exact, so gradients are bi
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
 from ..graph_utils import fake_mode_of, forward_required, insert_graph, tangent_dependent, trace, val
 
-def _bit_weights(device) -> torch.Tensor:
-    # 1, 2, 4, ..., 128 built from ops, not a tensor constant (which would become a get_attr
-    # the joint graph's module does not own).
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device), shifts)
+def plane_axis(shape) -> Optional[int]:
+    """The first axis whose (static) size is a multiple of 8, or None."""
+    for d, n in enumerate(shape):
+        if isinstance(n, int) and n > 0 and n % 8 == 0:
+            return d
+    return None
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Flatten a bool tensor into uint8 words, 8 elements each (zero padded)."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.bool, device=flat.device)])
-    weights = _bit_weights(flat.device)
-    return (flat.reshape(-1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+def _planes(shape) -> Tuple[Tuple[int, ...], int]:
+    """The shape the bits are packed along, and the axis split into 8 planes: the tensor's own
+    shape where an axis allows it, else the flattened tensor zero-padded to a multiple of 8."""
+    shape = tuple(shape)
+    d = plane_axis(shape)
+    if d is not None:
+        return shape, d
     numel = 1
     for s in shape:
         numel *= s
-    weights = _bit_weights(packed.device)
-    bits = torch.bitwise_and(packed.unsqueeze(-1), weights) != 0
-    return bits.reshape(-1)[:numel].reshape(shape)
+    return (numel + (-numel) % 8,), 0
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 words, one eighth of the elements, in bit planes: along the
+    first axis of size n divisible by 8, bit b of word i is element ``b * n/8 + i`` (the
+    flattened, zero-padded tensor where no axis is).  Bit planes, not 8 neighbouring elements
+    per word: unpacking element i then reads word ``i mod n/8`` shifted by ``i div n/8``, one
+    contiguous load and one shift for a whole vector in Inductor's CPU loops (neighbouring
+    bits need a shift per element, and the loop that reads them falls back to scalar code)."""
+    shape, d = _planes(mask.shape)
+    if shape != tuple(mask.shape):
+        flat = mask.reshape(-1)
+        mask = torch.cat([flat, torch.zeros(shape[0] - flat.numel(), dtype=torch.bool, device=flat.device)])
+    planes = mask.reshape(shape[:d] + (8, shape[d] // 8) + shape[d + 1:]).to(torch.uint8)
+    packed = planes.select(d, 0)
+    for b in range(1, 8):
+        packed = torch.bitwise_or(packed, torch.bitwise_left_shift(planes.select(d, b), b))
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
+    shape = tuple(shape)
+    planes, d = _planes(shape)
+    # the shifts 0..7 built from ops, not a tensor constant (which would become a get_attr
+    # the joint graph's module does not own)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device).reshape((1,) * d + (8,) + (1,) * (len(planes) - d))
+    bits = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(d), shifts), 1) != 0
+    bits = bits.reshape(planes)
+    if planes != shape:
+        bits = bits[: math.prod(shape)].reshape(shape)
+    return bits
 
 
 MIN_NUMEL = 64  # below this the packing ops cost more than they save
