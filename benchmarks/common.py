@@ -197,10 +197,6 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
     out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
     # X's side of backward draws traced where X is recomputable (bytes vs compile and step time)
     out.append({"name": "wtacrs default recompute inputs", "kind": "wtacrs", "recompute_draw_inputs": True})
-    # dropout masks drawn once and saved as bits instead of drawn again in backward
-    out.append({"name": "wtacrs default masks packed", "kind": "wtacrs", "random_masks": "packed"})
-    out.append({"name": "wtacrs compute budget=1.0 masks packed", "kind": "wtacrs", "mode": "compute",
-                "memory_budget": 1.0, "random_masks": "packed"})
     if modes:
         for b in (1.0, 0.1):
             out.append({"name": f"wtacrs memory budget={b}", "kind": "wtacrs", "mode": "memory", "memory_budget": b})
@@ -225,8 +221,7 @@ class Recorder:
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
             options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling",
-                                                 "inline_draws", "recompute_draw_inputs", "padding_mask", "grad_norm_feedback",
-                                                 "random_masks")
+                                                 "inline_draws", "recompute_draw_inputs", "padding_mask", "grad_norm_feedback")
                        if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True

@@ -347,27 +347,3 @@ def test_t5_with_dropout_at_ratio_one_packs_masks_despite_lifted_constants():
     assert all(op.decision == "exact" for op in report.ops)
     assert report.wtacrs_saved_bytes < report.baseline_saved_bytes
     assert report.compiled_saved_bytes == report.wtacrs_saved_bytes
-
-
-@pytest.mark.parametrize("mode", ["compute", "memory"])
-def test_t5_dropout_masks_drawn_once_and_the_report_matches_the_compiled_graph(mode):
-    """random_masks="packed" on T5 (dropout on, a lifted constant in the graph): the masks
-    are saved as bits; where the pass partitions the rewritten graph itself (memory mode) its
-    figure is the compiled backward's, so the packing is in it."""
-    cfg = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
-        num_heads=2, decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(cfg)
-    gen = torch.Generator().manual_seed(0)
-    backend = wtacrs_compile.backend(random_masks="packed", mode=mode, min_draw_gain=0)
-    torch._dynamo.reset()
-    loss = torch.compile(model, backend=backend)(input_ids=_ids(gen, 2, 16), labels=_ids(gen, 2, 8)).loss
-    loss.backward()
-    (report,) = backend.reports
-    assert torch.isfinite(loss)
-    assert report.random_masks, "T5's dropout masks"
-    assert "inductor_random" not in report.backward_graph
-    if mode == "memory":
-        assert report.compiled_saved_bytes == report.wtacrs_saved_bytes

@@ -329,9 +329,6 @@ class OpSettings:
         return torch.sym_min(n, torch.sym_max(math.ceil(self.ratio * n - 1e-9), self.min_k))
 
 
-RANDOM_MASKS = ("packed", "redrawn")
-
-
 @dataclass(frozen=True)
 class WTACRSConfig:
     """Settings of the ``wtacrs`` backend.
@@ -357,7 +354,8 @@ class WTACRSConfig:
         lossless, 8x smaller.  Opt-in: Inductor fuses the packing into the kernel that makes
         the mask, and for dropout masks that kernel slowed down 2.7x (MiniLM 32x64 on CPU,
         compute mode without a budget: step time 1.50x Inductor's packed, 0.92x unpacked,
-        results/profile-minilm.json; for 16 MiB of 274 saved); under the default budget the masks are recomputed, not saved.
+        results/profile-minilm.json; for 16 MiB of 274 saved; measured with neighbouring bits per word, before
+        the bit-plane layout); under the default budget the masks are recomputed, not saved.
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.
@@ -380,13 +378,6 @@ class WTACRSConfig:
         budget solver gives up (the parameters outweigh the activations, as for BERT-base
         at a small batch) the backend lifts the partitioner's recomputation bans instead;
         see :mod:`wtacrs_compile.passes.plan_memory`.
-    random_masks: ``"redrawn"`` (plain ``torch.compile``'s handling): under a memory budget
-        the partitioner saves the seeds and backward draws every dropout mask again (Philox
-        per element on the CPU); without one it saves the masks, a byte per element.
-        ``"packed"``: every random boolean mask backward reads is drawn once in forward and
-        saved as bits, which forward and backward both read
-        (:mod:`wtacrs_compile.passes.random_masks`): 7/8 of the masks' bytes off without a
-        budget; under the default budget no faster on the CPU (measured, so not the default).
     min_draw_gain: a backward draw reads X and G once (row norms) and gathers k rows of each;
         where the weight-gradient FLOPs it saves per element read
         (:func:`~wtacrs_compile.passes.plan_memory.backward_draw_gain`) fall below this, the
@@ -429,7 +420,6 @@ class WTACRSConfig:
     padding_mask: Optional[str] = "attention_mask"
     live_rows: bool = True
     memory_budget: Optional[float] = 0.1
-    random_masks: str = "redrawn"
     min_draw_gain: float = 32.0
     inline_draws: bool = False
     recompute_draw_inputs: bool = False
@@ -467,11 +457,6 @@ class WTACRSConfig:
                     f"activation_memory_budget; 1.0 = Inductor's default partition) or None, got {b!r}"
                 )
             object.__setattr__(self, "memory_budget", float(b))
-        if self.random_masks not in RANDOM_MASKS:
-            _fail(
-                f"random_masks must be one of {', '.join(map(repr, RANDOM_MASKS))} (drawn once and "
-                f"saved as bits, or drawn again in backward), got {self.random_masks!r}"
-            )
         m = self.padding_mask
         if m is not None and (not isinstance(m, str) or not m.isidentifier()):
             _fail(

@@ -155,7 +155,6 @@ class GraphInspection:
             "removed_saved_tensors": [t.to_dict() for t in removed],
             "added_saved_tensors": [t.to_dict() for t in added],
             "packed_masks": list(getattr(self.report, "packed_masks", []) or []),
-            "random_masks": list(getattr(self.report, "random_masks", []) or []),
             "measurements": dict(self.report.measurements),
             "compile_seconds": dict(self.report.compile_seconds),
             "flops": {"torch.compile": self.flops(False), "wtacrs": self.flops(True)},

@@ -65,7 +65,6 @@ class CompileReport:
     saved_tensors: Dict[str, int] = field(default_factory=dict)  # name -> bytes, after rewrite
     baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
     packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
-    random_masks: List[str] = field(default_factory=list)  # random masks drawn once, saved as bits
     partitioner_note: str = ""  # how the exact partition was obtained, when not plainly
     random_ops_kept: int = 0  # random nodes (dropout) banned from recomputation (passes/keep_random.py)
     # Wall seconds of this graph's compile by stage (see backend.py): "exact_baseline",
@@ -118,7 +117,6 @@ class CompileReport:
             "saved_tensors": dict(self.saved_tensors),
             "baseline_saved_tensors": dict(self.baseline_saved_tensors),
             "packed_masks": list(self.packed_masks),
-            "random_masks": list(self.random_masks),
             "partitioner_note": self.partitioner_note,
             "random_ops_kept": self.random_ops_kept,
             "compile_seconds": dict(self.compile_seconds),

@@ -183,9 +183,6 @@ def format_report(report: Any, diff: bool = False, joint: bool = False, color: b
             out += _table(["", "name", "tensor", "bytes", "module"], rows, right=(3,))
         if packed:
             out.append(f"  boolean masks stored as packed bits: {', '.join(packed)}")
-        drawn_once = list(getattr(g.report, "random_masks", []) or [])
-        if drawn_once:
-            out.append(f"  random masks drawn once, saved as bits (random_masks='packed'): {', '.join(drawn_once)}")
     out.append("")
 
     if diff or joint:

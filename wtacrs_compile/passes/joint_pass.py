@@ -11,8 +11,6 @@ Its stages, each taking and returning plain data (``docs/architecture.md``)::
                                               # the compiled graphs tell)
     outcome  = _plan_and_rewrite(...)         # plan_memory.py on copies, then one rewrite of
                                               # the real graph (sample_*.py) -> Outcome
-    masks    = pack_random_masks(joint)       # random_masks.py: dropout masks drawn once,
-                                              # saved as bits (config.random_masks)
     final    = _pack_masks(...)               # opt-in, pack_masks.py
     report.ops = [_record(site, resolved, outcome) ...]
 
@@ -52,7 +50,6 @@ from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
 from .match_bmm import find_bmm_sites
 from .match_matmuls import MatmulSite, find_weight_grad_matmuls
 from .pack_masks import pack_saved_masks
-from .random_masks import pack_random_masks
 from .padding_prior import PaddingMask, find_padding_masks
 from .sample_bmm import draw_bmm_forward_sample, rewrite_bmm_with_forward_sample
 from .row_ops import Feedback
@@ -264,14 +261,6 @@ class WTACRSJointPass(CustomGraphPass):
         self._stage("exact_baseline", t)
         outcome = self._plan_and_rewrite(graph, resolved, baseline, cache, key)
         final = outcome.final
-        if self.config.random_masks == "packed":
-            # after every measurement of the exact graphs: the report's Inductor and exact
-            # figures stay plain torch.compile's
-            t = time.perf_counter()
-            report.random_masks = pack_random_masks(graph, cache)
-            self._stage("random_masks", t)
-            if report.random_masks and final is not None:  # the rewritten graph's figures
-                final = partition_saved(graph, self.static_input_indices)
         if self.config.pack_masks:
             if final is None:
                 final = partition_saved(graph, self.static_input_indices)

@@ -20,8 +20,8 @@ the random node is the one ``prims.inductor_seeds`` call per device; the masks a
 ``inductor_random`` of a seed looked up from it, which carry no random tag.  The seeds are
 then what is saved, and backward draws the masks again from them: the same masks as
 forward's (``tests/test_rng.py``), at the cost of drawing them twice (on the CPU, Philox per
-element).  ``random_masks.py`` (``random_masks="packed"``) draws them once and saves bits
-instead; on the CPU that measured no faster (docs/performance.md).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
+element).  Drawing each mask once and saving it as bits instead measured slower, not faster
+(commit 3e2c0a3's ``random_masks`` pass, since removed; docs/performance.md).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
 from the RNG state saved in forward) is left as it is.
 
 A call whose drop probability is a literal 0 (``dropout_p=0.0`` of the fused attention ops,
