@@ -42,9 +42,7 @@ def _planes(shape) -> Tuple[Tuple[int, ...], int]:
     d = plane_axis(shape)
     if d is not None:
         return shape, d
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     return (numel + (-numel) % 8,), 0
 
 
