@@ -354,8 +354,9 @@ class WTACRSConfig:
         lossless, 8x smaller.  Opt-in: Inductor fuses the packing into the kernel that makes
         the mask, and for dropout masks that kernel slowed down 2.7x (MiniLM 32x64 on CPU,
         compute mode without a budget: step time 1.50x Inductor's packed, 0.92x unpacked,
-        results/profile-minilm.json; for 16 MiB of 274 saved; measured with neighbouring bits per word, before
-        the bit-plane layout); under the default budget the masks are recomputed, not saved.
+        results/profile-minilm.json; for 16 MiB of 274 saved; measured with neighbouring
+        bits per word, before the bit-plane layout); under the default budget the masks are
+        recomputed, not saved.
     grad_norm_feedback: forward draws of linear layers use ``p ∝ ||x_i|| * ||g_i||`` with
         ``||g_i||`` cached from the same example's previous step (ids given with
         ``backend.example_ids(ids)``); see :mod:`wtacrs_compile.feedback`.

@@ -21,8 +21,9 @@ the random node is the one ``prims.inductor_seeds`` call per device; the masks a
 then what is saved, and backward draws the masks again from them: the same masks as
 forward's (``tests/test_rng.py``), at the cost of drawing them twice (on the CPU, Philox per
 element).  Drawing each mask once and saving it as bits instead measured slower, not faster
-(commit 3e2c0a3's ``random_masks`` pass, since removed; docs/performance.md).  A node already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed
-from the RNG state saved in forward) is left as it is.
+(commit 3e2c0a3's ``random_masks`` pass, since removed; docs/performance.md).  A node
+already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed from the RNG state
+saved in forward) is left as it is.
 
 A call whose drop probability is a literal 0 (``dropout_p=0.0`` of the fused attention ops,
 which carry the random tag for their dropout; ``native_dropout`` with ``p=0`` or
