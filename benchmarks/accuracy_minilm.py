@@ -48,6 +48,7 @@ CONFIGS = {
     "wtacrs default iid": {"kind": "wtacrs", "sampling": "iid"},  # the paper's i.i.d. draws
     "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
     "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
+    "wtacrs default r=0.2": {"kind": "wtacrs", "ratio": 0.2},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
     # forward draws where they save bytes, no budget: the first release's default (8.9 points

@@ -193,6 +193,7 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
         name = "wtacrs default" if b == 0.1 else f"wtacrs compute budget={b}"
         out.append({"name": name, "kind": "wtacrs", "mode": "compute", "memory_budget": b, "frontier": "wtacrs"})
     out.append({"name": "wtacrs default r=0.1", "kind": "wtacrs", "ratio": 0.1})
+    out.append({"name": "wtacrs default r=0.2", "kind": "wtacrs", "ratio": 0.2})
     # the draw traced into the graph instead of the wtacrs::draw op (compile time vs step time)
     out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
     # X's side of backward draws traced where X is recomputable (bytes vs compile and step time)
