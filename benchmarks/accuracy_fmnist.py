@@ -37,6 +37,7 @@ CONFIGS = {
     # backend="wtacrs" with nothing else but the ratio: compute mode, memory_budget=0.1
     "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
     "wtacrs default": {"kind": "wtacrs"},
+    "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},
     "wtacrs r=0.5": {"kind": "wtacrs", "ratio": 0.5, "mode": "memory"},
     "wtacrs r=0.3": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory"},
     "wtacrs r=0.3 all": {"kind": "wtacrs", "ratio": 0.3, "mode": "all"},
