@@ -1,8 +1,10 @@
-"""The README results table is generated from the results files (benchmarks/report.py)."""
+"""docs/results.md's tables are generated from the results files (benchmarks/report.py)."""
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 
 def _bench_module(name):
@@ -166,3 +168,17 @@ def test_bootstrap_interval_of_the_median_ratio():
     lo, hi = mt.bootstrap_ci(times, ref)
     assert lo < 0.9 < hi and hi - lo < 0.15
     assert mt.bootstrap_ci(ref, ref) == [1.0, 1.0]
+
+
+def test_write_block_replaces_only_the_generated_block(tmp_path):
+    target = tmp_path / "results.md"
+    target.write_text(f"# head\n\n{report.BEGIN}\nold table\n{report.END}\n\ntail\n")
+    report.write_block("| new |", target)
+    text = target.read_text()
+    assert text.startswith("# head\n\n" + report.BEGIN)
+    assert "old table" not in text and "| new |" in text
+    assert text.endswith(report.END + "\n\ntail\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no generated block"):
+        report.write_block("x", bare)
