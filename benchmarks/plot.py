@@ -47,7 +47,12 @@ def plot_memory(path: Path) -> Path:
     ok = [e for e in res["results"] if e.get("status") == "ok"]
     # Step time against bytes; a run without timed rounds (--rounds 0) plots the backward's
     # matmul FLOPs instead.
-    ykey, ylabel = "step_ratio_vs_inductor", "median step time / Inductor's (same run)"
+    ykey = "step_ratio_vs_inductor"
+    ylabel = "median step time / Inductor's (same run)"
+    if any(e.get("step_ratio_ci95") for e in ok):
+        ylabel += "\nthick: 95 % interval of the median; thin: min-max of the rounds"
+    elif any(e.get("step_ratio_min_max") for e in ok):
+        ylabel += "\nlines: min-max of the rounds"
     if not any(e.get(ykey) for e in ok):
         ykey, ylabel = "backward_flops_vs_inductor", "backward matmul FLOPs / Inductor's (counted)"
     ok = [e for e in ok if e.get(ykey)]
@@ -64,7 +69,10 @@ def plot_memory(path: Path) -> Path:
             ax.annotate(e["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if ykey == "step_ratio_vs_inductor" and e.get("step_ratio_min_max"):  # spread over rounds
                 lo, hi = e["step_ratio_min_max"]
-                ax.vlines(x, lo, hi, color=_color(e), lw=0.8, alpha=0.6)
+                ax.vlines(x, lo, hi, color=_color(e), lw=0.6, alpha=0.3)
+            if ykey == "step_ratio_vs_inductor" and e.get("step_ratio_ci95"):  # how well the median is known
+                lo, hi = e["step_ratio_ci95"]
+                ax.vlines(x, lo, hi, color=_color(e), lw=3, alpha=0.8)
         _frontier(ax, ok, key, ykey, "exact", "tab:cyan", "exact: activation_memory_budget 1.0 / 0.5 / 0.3 / 0.1")
         _frontier(ax, ok, key, ykey, "wtacrs", "tab:red", "wtacrs compute mode at the same budgets")
         ax.axhline(1.0, color="tab:blue", lw=0.5, ls="--")
