@@ -159,8 +159,8 @@ def plot(result: dict, path: Path) -> None:
     bits = [result["configs"][n]["as_bits_saving_ms_estimate"] for n in names]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], redraw, width=0.4, label="masks drawn again in backward")
-    ax.bar([i + 0.2 for i in x], bits, width=0.4, label="saved by keeping them as bits instead")
+    ax.bar([i - 0.2 for i in x], redraw, width=0.4, label="estimated cost of the masks drawn again in backward")
+    ax.bar([i + 0.2 for i in x], bits, width=0.4, label="estimated saving if kept as bits (from the per-element costs)")
     ax.set_xticks(list(x), names)
     ax.set_ylabel("ms per step (estimate)")
     ax.set_title(f"{result['model'].split(' (')[0]}, batch {result['batch']} x {result['seq']}: dropout masks", fontsize=9)
