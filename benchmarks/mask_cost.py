@@ -51,9 +51,14 @@ CONFIGS = {
 _RANDOM = torch.ops.prims.inductor_random.default
 
 
-def random_elements(gm: torch.fx.GraphModule) -> dict:
-    """Random values a compiled graph draws: ``inductor_random`` calls and their elements."""
-    sizes = [n.meta["val"].numel() for n in gm.graph.nodes if n.op == "call_function" and n.target is _RANDOM]
+def random_shapes(gm: torch.fx.GraphModule) -> list:
+    """The shapes of the random tensors a compiled graph draws (its ``inductor_random`` calls)."""
+    return [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function" and n.target is _RANDOM]
+
+
+def random_elements(shapes: list) -> dict:
+    """How many draws and random elements :func:`random_shapes` found."""
+    sizes = [torch.Size(s).numel() for s in shapes]
     return {"draws": len(sizes), "elements": int(sum(sizes)), "largest": max(sizes, default=0)}
 
 
@@ -61,10 +66,6 @@ def graph_modules(rec: common.Recorder) -> dict:
     if rec.wtacrs is not None:
         return rec.wtacrs.reports[-1].graph_modules
     return rec.graphs[-1].modules
-
-
-def mask_shapes(gm: torch.fx.GraphModule) -> list:
-    return [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function" and n.target is _RANDOM]
 
 
 def per_element_costs(shape, p: float, calls: int) -> dict:
@@ -113,17 +114,18 @@ def main() -> None:
         fn, rec = common.compile_config(model, cfg)
         fn(**data).backward()
         mods = graph_modules(rec)
-        counts[name] = {kind: random_elements(mods[kind]) for kind in ("forward", "backward")}
-        shapes += mask_shapes(mods["forward"])
+        drawn = {kind: random_shapes(mods[kind]) for kind in ("forward", "backward")}
+        counts[name] = {kind: random_elements(s) for kind, s in drawn.items()}
+        shapes += drawn["forward"]
     largest = max(shapes, key=lambda s: torch.Size(s).numel())
     costs = per_element_costs(largest, args.dropout, args.calls)
+    # saving those masks as bits instead: forward draws and packs each (pack) and applies the
+    # unpacked copy (bits) where it applied a fresh draw (redraw), backward applies the bits
+    # (bits) where it drew again (redraw)
+    bits_saving = 2 * costs["redraw"] - costs["pack"] - 2 * costs["bits"]
     for c in counts.values():
         c["backward_redraw_ms_estimate"] = c["backward"]["elements"] * costs["redraw"] / 1e6
-        # saving those masks as bits instead: forward draws and packs each (pack) and applies
-        # the unpacked copy (bits) where it applied a fresh draw (redraw), backward applies the
-        # bits (bits) where it drew again (redraw)
-        per_element = 2 * costs["redraw"] - costs["pack"] - 2 * costs["bits"]
-        c["as_bits_saving_ms_estimate"] = c["backward"]["elements"] * per_element / 1e6
+        c["as_bits_saving_ms_estimate"] = c["backward"]["elements"] * bits_saving / 1e6
 
     result = {
         "benchmark": "mask_cost",
