@@ -20,8 +20,10 @@ the random node is the one ``prims.inductor_seeds`` call per device; the masks a
 ``inductor_random`` of a seed looked up from it, which carry no random tag.  The seeds are
 then what is saved, and backward draws the masks again from them: the same masks as
 forward's (``tests/test_rng.py``), at the cost of drawing them twice (on the CPU, Philox per
-element).  Drawing each mask once and saving it as bits instead measured slower, not faster
-(commit 3e2c0a3's ``random_masks`` pass, since removed; docs/performance.md).  A node
+element, ~144 ms of a MiniLM 32x64 step on the 2-core CPU: ``benchmarks/mask_cost.py``).
+Drawing each mask once and saving it as bits instead measured no faster (commit 3e2c0a3's
+``random_masks`` pass, since removed: 1.14x against 1.12x Inductor's step; re-run paired
+per round 0.99x of the default's, 0.97-1.04; docs/performance.md).  A node
 already tagged (a forward draw's noise, ``MUST_RECOMPUTE``: replayed from the RNG state
 saved in forward) is left as it is.
 
