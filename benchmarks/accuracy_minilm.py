@@ -13,7 +13,9 @@ fixed data seed; 3,000 train / 1,000 test sentences, max length 64 (padded: stat
 batch 32 (the last incomplete batch dropped: 93 steps), AdamW lr 5e-5, one epoch (--epochs).  The
 training seed (classifier init, dropout, shuffling order, the sampler's draws) is --seeds; the
 backward draws (the default) come from the backend's own stream (``wtacrs_compile.manual_seed``),
-so an exact and a default wtacrs run of one seed share their dropout masks and batch order.
+so an exact and a default wtacrs run of one seed share their dropout masks and batch order
+(``rng="hash"`` draws other masks from the same seeds: the row "exact (wtacrs ratio=1, hashed
+dropout)" shares them).
 Test accuracy is measured in eval mode with the exact forward (wtacrs changes only weight
 gradients).
 """
@@ -45,6 +47,11 @@ CONFIGS = {
     "exact (inductor) reseeded dropout": {"kind": "inductor", "dropout_seed_offset": 1000},
     # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1, systematic draws
     "wtacrs default": {"kind": "wtacrs"},
+    # the default with hashed dropout masks (passes/hash_rng.py: other masks than Inductor's)
+    "wtacrs default hash": {"kind": "wtacrs", "rng": "hash"},
+    # nothing sampled (ratio 1), hashed dropout masks: "wtacrs default hash"'s gap to this row
+    # is the estimate's alone, its gap to "exact (inductor)" the estimate's and the masks'
+    "exact (wtacrs ratio=1, hashed dropout)": {"kind": "wtacrs", "ratio": 1.0, "rng": "hash"},
     "wtacrs default iid": {"kind": "wtacrs", "sampling": "iid"},  # the paper's i.i.d. draws
     "wtacrs default r=0.5": {"kind": "wtacrs", "ratio": 0.5},
     "wtacrs default r=0.1": {"kind": "wtacrs", "ratio": 0.1},

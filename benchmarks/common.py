@@ -198,6 +198,10 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
     out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
     # X's side of backward draws traced where X is recomputable (bytes vs compile and step time)
     out.append({"name": "wtacrs default recompute inputs", "kind": "wtacrs", "recompute_draw_inputs": True})
+    # hashed dropout masks (passes/hash_rng.py) instead of Inductor's Philox, and the hash with
+    # nothing sampled: what the hash alone gives an exact partition under the same budget
+    out.append({"name": "wtacrs default hash", "kind": "wtacrs", "rng": "hash"})
+    out.append({"name": "wtacrs exact budget=0.1 hash", "kind": "wtacrs", "ratio": 1.0, "rng": "hash"})
     if modes:
         for b in (1.0, 0.1):
             out.append({"name": f"wtacrs memory budget={b}", "kind": "wtacrs", "mode": "memory", "memory_budget": b})
@@ -222,7 +226,7 @@ class Recorder:
         if cfg["kind"] == "wtacrs":
             # only the options a configuration names: the rest are the backend's defaults
             options = {key: cfg[key] for key in ("ratio", "mode", "memory_budget", "ops", "pack_masks", "sampling",
-                                                 "inline_draws", "recompute_draw_inputs", "padding_mask", "grad_norm_feedback")
+                                                 "inline_draws", "recompute_draw_inputs", "padding_mask", "grad_norm_feedback", "rng")
                        if key in cfg}
             if cfg.get("feedback"):
                 options["grad_norm_feedback"] = True

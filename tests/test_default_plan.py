@@ -18,15 +18,20 @@ def test_defaults_are_compute_mode_under_a_budget():
 
 def test_masks_stay_unpacked_by_default():
     """Packing a dropout keep-mask fuses into the kernel that draws it and slowed MiniLM's
-    step 1.6x (config.py): the default leaves saved masks as torch.bool."""
+    step 1.6x (config.py): the default leaves saved masks as torch.bool.  With the default
+    hashed draws the dropout's mask is not saved at all: backward draws it again from its seed
+    (8 bytes); with Inductor's Philox it is saved, one byte per element."""
     from test_planner import relu_dropout
 
-    model = relu_dropout()
-    report = run(model, (torch.randn(128, 64),), memory_budget=None, ratio=1.0)
-    assert report.packed_masks == []
-    assert "packed_masks" not in report.measurements
-    masks = {name: b for name, b in report.saved_tensors.items() if name in ("gt", "le")}
-    assert masks == {"gt": 128 * 256, "le": 128 * 256}, report.saved_tensors  # one byte each
+    for rng, expected in (("hash", {"le": 128 * 256}), ("philox", {"gt": 128 * 256, "le": 128 * 256})):
+        model = relu_dropout()
+        report = run(model, (torch.randn(128, 64),), memory_budget=None, ratio=1.0, rng=rng)
+        assert report.packed_masks == []
+        assert "packed_masks" not in report.measurements
+        masks = {name: b for name, b in report.saved_tensors.items() if name in ("gt", "le")}
+        assert masks == expected, (rng, report.saved_tensors)
+        seeds = {name: b for name, b in report.saved_tensors.items() if "seed" in name}
+        assert list(seeds.values()) == ([8] if rng == "hash" else []), (rng, report.saved_tensors)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "0.1", True, float("nan")])

@@ -72,12 +72,13 @@ def _run(backend, steps=3):
 
 @pytest.mark.parametrize("budget", [None, 0.1], ids=["no-budget", "default-budget"])
 def test_a_wtacrs_step_draws_the_same_dropout_masks_as_inductor(budget):
-    """Paired runs: the backend's draws come from their own stream, so the model's dropout
-    masks (and everything else drawn from the global generator) match plain Inductor's at
+    """Paired runs: the backend's draws come from their own stream, so (with Inductor's Philox
+    masks, ``rng="philox"``) the model's dropout masks and everything else drawn from the global
+    generator match plain Inductor's at
     every step, and only the weight gradients differ (they are estimates).  Under the
     default memory budget too: recomputation never draws dropout again."""
     exact_outs, exact_grad, exact_state = _run("inductor")
-    backend = wtacrs_compile.backend(ratio=0.3, memory_budget=budget, min_draw_gain=0)
+    backend = wtacrs_compile.backend(ratio=0.3, memory_budget=budget, min_draw_gain=0, rng="philox")
     outs, grad, state = _run(backend)
     assert [r.decision for r in backend.reports[0].ops] == ["compute", "compute"]
     for ours, theirs in zip(outs, exact_outs):
@@ -97,9 +98,10 @@ def test_the_memory_budget_never_redraws_dropout_in_backward(budget):
     """torch's memory-budget partitioner may recompute dropout in backward with fresh noise
     (pytorch/pytorch#190758: another mask than forward's, silently wrong gradients).  Under
     the backend's budget the random ops are banned from recomputation: with nothing sampled
-    (ratio 1) every gradient is plain Inductor's, at every step."""
+    (ratio 1) and Inductor's masks every gradient is plain Inductor's, at every step (hashed
+    masks: tests/test_hash_rng.py)."""
     exact_outs, exact_grad, exact_state = _run("inductor")
-    backend = wtacrs_compile.backend(ratio=1.0, memory_budget=budget, min_draw_gain=0)
+    backend = wtacrs_compile.backend(ratio=1.0, memory_budget=budget, min_draw_gain=0, rng="philox")
     outs, grad, state = _run(backend)
     assert backend.reports[0].random_ops_kept == 1  # the dropout's noise
     for ours, theirs in zip(outs, exact_outs):

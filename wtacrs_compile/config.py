@@ -48,6 +48,11 @@ OP_KINDS = ("linear", "bmm", "lora")
 SAMPLINGS = ("systematic", "iid")
 """How a draw picks its non-winner rows (:mod:`wtacrs_compile.estimator`)."""
 
+RNGS = ("hash", "philox")
+"""How the compiled graphs draw Inductor's uniform noise (dropout masks): ``hash``, integer
+arithmetic on the element index that Inductor vectorizes and backward recomputes cheaply
+(:mod:`wtacrs_compile.passes.hash_rng`), or ``philox``, Inductor's own draws."""
+
 SETTINGS = ("ratio", "min_k", "mode", "deterministic", "sampling", "enabled")
 """The per-op settings a rule or an annotation may give."""
 
@@ -401,6 +406,12 @@ class WTACRSConfig:
         saved bytes (MiniLM default 0.055x of Inductor's instead of 0.079x, at the same step
         time within the noise; T5-base 0.084x instead of 0.10x at ~8 % more step time) for
         about two more Inductor kernels per draw site to compile (docs/performance.md).
+    rng: ``"hash"`` (opt-in while its accuracy runs) draws dropout masks (every
+        ``inductor_random`` uniform draw) with a counter-based integer hash that Inductor vectorizes and fuses into the kernel that
+        applies the mask, so that backward recomputes a mask for about what reading it saved
+        would cost (:mod:`wtacrs_compile.passes.hash_rng`; ``benchmarks/mask_cost.py``);
+        ``"philox"`` (the default) keeps Inductor's Philox draws (the masks plain
+        ``torch.compile`` draws under the same seed).  Either way forward and backward apply the same mask.
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -424,6 +435,7 @@ class WTACRSConfig:
     min_draw_gain: float = 32.0
     inline_draws: bool = False
     recompute_draw_inputs: bool = False
+    rng: str = "philox"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))
@@ -445,6 +457,8 @@ class WTACRSConfig:
                      "recompute_draw_inputs"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.rng not in RNGS:
+            _fail(f"rng must be one of {', '.join(map(repr, RNGS))}, got {self.rng!r}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         for op in ops:
             if op not in ("linear", "bmm"):

@@ -67,6 +67,9 @@ class CompileReport:
     packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
     partitioner_note: str = ""  # how the exact partition was obtained, when not plainly
     random_ops_kept: int = 0  # random nodes (dropout) banned from recomputation (passes/keep_random.py)
+    # uniform draws (dropout masks) made with the hash (passes/hash_rng.py): "hashed", their
+    # "elements", and a count per reason a draw kept Inductor's Philox
+    uniform_draws: Dict[str, int] = field(default_factory=dict)
     # Wall seconds of this graph's compile by stage (see backend.py): "exact_baseline",
     # "plan" (the planner's trial partitions), "rewrite", "joint_pass" (all of the pass),
     # "inductor_forward" / "inductor_backward" (code generation) and "backend" (the whole
@@ -119,6 +122,7 @@ class CompileReport:
             "packed_masks": list(self.packed_masks),
             "partitioner_note": self.partitioner_note,
             "random_ops_kept": self.random_ops_kept,
+            "uniform_draws": dict(self.uniform_draws),
             "compile_seconds": dict(self.compile_seconds),
             "flops": {k: dict(v) for k, v in self.flops.items()},
             "reused": list(self.reused),

@@ -1,10 +1,12 @@
 """The backward draws' own random stream.
 
 Backward draws (the default) take their noise from a generator this module owns, one per
-device, never from torch's global generator.  With the defaults, turning the backend on
-therefore changes nothing else a training run draws: dropout masks, a ``DataLoader``'s shuffling and any initialisation see
-the same random numbers with and without it, so an exact run and a wtacrs run with the same
-seed differ only by the estimate (the paired comparison the accuracy benchmarks make).
+device, never from torch's global generator.  Turning the backend on therefore leaves
+torch's generator where plain ``torch.compile`` leaves it: a ``DataLoader``'s shuffling, any
+initialisation and the dropout masks' seeds see the same random numbers with and without it
+(the masks themselves too with the default ``rng="philox"``; ``"hash"`` hashes those seeds,
+:mod:`wtacrs_compile.passes.hash_rng`), so paired runs share everything but the estimate and
+the mask function (the comparison the accuracy benchmarks make).
 
 Seeding: the stream is seeded from ``torch.initial_seed()`` (mixed, so that it is not the
 global stream's own sequence) the first time it draws, and again whenever

@@ -183,6 +183,11 @@ def format_report(report: Any, diff: bool = False, joint: bool = False, color: b
             out += _table(["", "name", "tensor", "bytes", "module"], rows, right=(3,))
         if packed:
             out.append(f"  boolean masks stored as packed bits: {', '.join(packed)}")
+        draws = dict(getattr(g.report, "uniform_draws", {}) or {})
+        if draws.get("hashed") or len(draws) > 2:
+            hashed, elements = draws.pop("hashed", 0), draws.pop("elements", 0)
+            left = "".join(f"; left to Inductor's Philox: {n} ({why})" for why, n in sorted(draws.items()))
+            out.append(f"  uniform draws (dropout masks) hashed: {hashed} ({elements:,} elements){left}")
     out.append("")
 
     if diff or joint:

@@ -45,6 +45,7 @@ from ..plan_cache import PlanCache, graph_key
 from ..report import CompileReport, OpRecord
 from ..torch_internals import CustomGraphPass, budget_solver_gives_up, stable_topological_sort
 from . import plan_memory
+from .hash_rng import hash_uniform_draws
 from .keep_random import keep_random_ops
 from .live_rows import LiveRows, find_live_rows, rewrite_with_live_rows
 from .match_bmm import find_bmm_sites
@@ -233,6 +234,8 @@ class WTACRSJointPass(CustomGraphPass):
         # Before any partition (the planner's and the exact baseline's too): under a memory
         # budget torch's partitioner would otherwise redraw dropout in backward.
         report.random_ops_kept = keep_random_ops(graph)
+        if self.config.rng == "hash":  # before any partition: every one sees the same draws
+            report.uniform_draws = hash_uniform_draws(graph)
         # the default partition's FLOPs, counted before any rewrite, where no partition of
         # this graph is measured for them (backward draws only, no budget)
         report.flops["joint"] = joint_flops(graph)

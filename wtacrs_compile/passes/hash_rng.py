@@ -1,0 +1,117 @@
+"""Draw Inductor's uniform noise (dropout masks) with a counter-based integer hash.
+
+After Inductor's ``replace_random``, each uniform draw of the joint graph (dropout's noise,
+``rand_like``) is ``prims.inductor_random(size, seed, "rand")`` of a seed looked up from the
+graph's one ``inductor_seeds`` call.  Inductor generates it as Philox4x32-10 per element, in a
+loop its CPU code generator does not vectorize: ~7.3 ns per element on the 2-core CPU, and
+under a memory budget backward draws every dropout mask a second time from its seed instead
+of saving it (``benchmarks/mask_cost.py``: 20 masks, 19.7 M elements, ~144 ms of a 1.18 s
+MiniLM 32x64 step, each way).  This pass writes the same draw as integer arithmetic on an
+index, which Inductor fuses into the kernel that applies the mask and vectorizes::
+
+    before                                            after
+    %seed = inductor_lookup_seed(%seeds, 3)           %seed = inductor_lookup_seed(%seeds, 3)
+    %rand = inductor_random([32,64,384], %seed,       %i    = iota(786432, int64)
+                            "rand")                   %key  = mix(hi(%seed) ^ mix(lo(%seed)))
+                                                      %h    = mix(mix(%i ^ lo(%seed)) + %key)
+                                                      %rand = view((%h >> 8) * 2**-24, [32,64,384])
+    %gt   = gt(%rand, 0.1)                            %gt   = gt(%rand, 0.1)
+
+``mix`` is a 32-bit integer finaliser (xor-shift, multiply, xor-shift, multiply, xor-shift;
+multipliers below 2**31 so every product fits an ``int64`` without overflow).  Two rounds, the
+first keyed by the seed's low half, the second by a hash of the whole seed, make each seed its
+own function of the index: not a shifted window of one sequence (the seed added to the index)
+nor a permutation of one set of numbers (the seed xor-ed into it, alone).  The top 24 bits give a uniform on ``[0, 1)`` with the resolution of
+``torch.rand``'s float32 draws.  Every output bit flips with probability 0.5 +- 0.004 when
+any input bit flips (the sampling noise of the check); ``tests/test_hash_rng.py`` bounds the
+mean, the keep rate of a dropout mask, and the correlation of neighbouring elements and of
+two seeds.
+
+The draw is a pure function of the seed, so the partitioner recomputes it in backward for the
+cost of the hash (the mask forward applied, bit for bit: a test) and saves neither the noise
+nor the mask.  What changes is which numbers a given seed gives: a compiled model's dropout
+masks differ from plain ``torch.compile``'s under the same ``torch.manual_seed`` (as
+``torch.compile``'s already differ from eager's), and stay reproducible under it.
+``rng="hash"`` turns the pass on; ``rng="philox"`` keeps Inductor's draws.  Left as they are, and counted in the report:
+normal draws (``"randn"``), draws of 2**32 elements or more (the index would not fit the
+hash's 32 bits), and draws with a symbolic size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.fx as fx
+
+from ..graph_utils import fake_mode_of, insert_graph, is_call, trace, val
+
+_M32 = 0xFFFFFFFF
+_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39)  # odd, < 2**31: x * m < 2**63 for x < 2**32
+_SHIFTS = (16, 12, 15)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit finaliser on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> _SHIFTS[0])
+    x = (x * _MULTIPLIERS[0]) & _M32
+    x = x ^ (x >> _SHIFTS[1])
+    x = (x * _MULTIPLIERS[1]) & _M32
+    return x ^ (x >> _SHIFTS[2])
+
+
+def hash_uniform(shape: Tuple[int, ...], seed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform numbers on [0, 1) of ``shape``, a pure function of the int64 ``seed`` and of
+    each element's flat index (see the module docstring)."""
+    numel = math.prod(shape)
+    idx = torch.arange(numel, dtype=torch.int64, device=seed.device)
+    seed = seed.to(torch.int64)
+    lo = seed & _M32
+    # the second key depends on the whole seed: with ``idx ^ lo`` alone, two seeds would give
+    # permutations of one set of numbers (a test catches that)
+    key = _mix(((seed >> 32) & _M32) ^ _mix(lo))
+    h = _mix((_mix(idx ^ lo) + key) & _M32)
+    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).to(dtype).reshape(shape)
+
+
+def _bail_out(node: fx.Node) -> str:
+    """Why a uniform draw is left to Inductor's Philox ("" when it is hashed)."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode")
+    if mode != "rand":
+        return f"{mode} draws (only uniform ones are hashed)"
+    shape = val(node).shape
+    if not all(isinstance(d, int) for d in shape):
+        return "symbolic size"
+    if math.prod(shape) >= 1 << 32:
+        return "2**32 elements or more"
+    return ""
+
+
+def hash_uniform_draws(graph: fx.Graph) -> Dict[str, int]:
+    """Replace each ``inductor_random(size, seed, "rand")`` of ``graph`` by
+    :func:`hash_uniform` of its seed.  Returns counts: ``hashed`` draws and their
+    ``elements``, and one entry per reason a draw was left as it was."""
+    counts: Dict[str, int] = {"hashed": 0, "elements": 0}
+    target = torch.ops.prims.inductor_random.default
+    nodes = [n for n in graph.nodes if is_call(n, target)]
+    if not nodes:
+        return counts
+    fake = fake_mode_of(graph)
+    cache: dict = {}
+    for node in nodes:
+        reason = _bail_out(node)
+        if reason:
+            counts[reason] = counts.get(reason, 0) + 1
+            continue
+        v = val(node)
+        shape, dtype = tuple(v.shape), v.dtype
+        seed = node.args[1]
+        sub = trace(lambda s: hash_uniform(shape, s, dtype), [val(seed)], fake, cache, ("hash_uniform", shape, dtype))
+        meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "seq_nr") if k in node.meta}
+        out = insert_graph(graph, sub, [seed], before=node, meta=meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        counts["hashed"] += 1
+        counts["elements"] += math.prod(shape)
+    return counts
