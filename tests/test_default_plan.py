@@ -18,9 +18,9 @@ def test_defaults_are_compute_mode_under_a_budget():
 
 def test_masks_stay_unpacked_by_default():
     """Packing a dropout keep-mask fuses into the kernel that draws it and slowed MiniLM's
-    step 1.6x (config.py): the default leaves saved masks as torch.bool.  With the default
-    hashed draws the dropout's mask is not saved at all: backward draws it again from its seed
-    (8 bytes); with Inductor's Philox it is saved, one byte per element."""
+    step 1.6x (config.py): the default leaves saved masks as torch.bool.  With Inductor's
+    Philox (the default ``rng``) the dropout's mask is saved, one byte per element; with
+    ``rng="hash"`` it is not saved at all: backward draws it again from its seed (8 bytes)."""
     from test_planner import relu_dropout
 
     for rng, expected in (("hash", {"le": 128 * 256}), ("philox", {"gt": 128 * 256, "le": 128 * 256})):

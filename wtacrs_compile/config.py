@@ -406,12 +406,13 @@ class WTACRSConfig:
         saved bytes (MiniLM default 0.055x of Inductor's instead of 0.079x, at the same step
         time within the noise; T5-base 0.084x instead of 0.10x at ~8 % more step time) for
         about two more Inductor kernels per draw site to compile (docs/performance.md).
-    rng: ``"hash"`` (opt-in while its accuracy runs) draws dropout masks (every
-        ``inductor_random`` uniform draw) with a counter-based integer hash that Inductor vectorizes and fuses into the kernel that
-        applies the mask, so that backward recomputes a mask for about what reading it saved
-        would cost (:mod:`wtacrs_compile.passes.hash_rng`; ``benchmarks/mask_cost.py``);
-        ``"philox"`` (the default) keeps Inductor's Philox draws (the masks plain
-        ``torch.compile`` draws under the same seed).  Either way forward and backward apply the same mask.
+    rng: ``"hash"`` (opt-in until its accuracy and compile time are measured) draws dropout
+        masks (every ``inductor_random`` uniform draw) with a counter-based integer hash that
+        Inductor vectorizes and fuses into the kernel that applies the mask, so that backward
+        recomputes a mask for about what reading it saved would cost
+        (:mod:`wtacrs_compile.passes.hash_rng`; ``benchmarks/mask_cost.py``); ``"philox"``
+        (the default) keeps Inductor's Philox draws (the masks plain ``torch.compile`` draws
+        under the same seed).  Either way forward and backward apply the same mask.
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -458,7 +459,8 @@ class WTACRSConfig:
             if not isinstance(getattr(self, flag), bool):
                 _fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.rng not in RNGS:
-            _fail(f"rng must be one of {', '.join(map(repr, RNGS))}, got {self.rng!r}")
+            hint = _suggest(self.rng, RNGS) if isinstance(self.rng, str) else ""
+            _fail(f"rng must be one of {', '.join(map(repr, RNGS))}, got {self.rng!r}{hint}")
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         for op in ops:
             if op not in ("linear", "bmm"):

@@ -21,8 +21,8 @@ index, which Inductor fuses into the kernel that applies the mask and vectorizes
 multipliers below 2**31 so every product fits an ``int64`` without overflow).  Two rounds, the
 first keyed by the seed's low half, the second by a hash of the whole seed, make each seed its
 own function of the index: not a shifted window of one sequence (the seed added to the index)
-nor a permutation of one set of numbers (the seed xor-ed into it, alone).  The top 24 bits give a uniform on ``[0, 1)`` with the resolution of
-``torch.rand``'s float32 draws.  Every output bit flips with probability 0.5 +- 0.004 when
+nor a permutation of one set of numbers (the seed xor-ed into it, alone).  The top 24 bits
+give a uniform on ``[0, 1)`` with the resolution of ``torch.rand``'s float32 draws.  Every output bit flips with probability 0.5 +- 0.004 when
 any input bit flips (the sampling noise of the check); ``tests/test_hash_rng.py`` bounds the
 mean, the keep rate of a dropout mask, and the correlation of neighbouring elements and of
 two seeds.
@@ -32,8 +32,8 @@ cost of the hash (the mask forward applied, bit for bit: a test) and saves neith
 nor the mask.  What changes is which numbers a given seed gives: a compiled model's dropout
 masks differ from plain ``torch.compile``'s under the same ``torch.manual_seed`` (as
 ``torch.compile``'s already differ from eager's), and stay reproducible under it.
-``rng="hash"`` turns the pass on; ``rng="philox"`` keeps Inductor's draws.  Left as they are, and counted in the report:
-normal draws (``"randn"``), draws of 2**32 elements or more (the index would not fit the
+``rng="hash"`` turns the pass on; ``rng="philox"`` keeps Inductor's draws.  Left as they are,
+and counted in the report: normal draws (``"randn"``), draws of 2**32 elements or more (the index would not fit the
 hash's 32 bits), and draws with a symbolic size.
 """
 
@@ -104,8 +104,7 @@ def hash_uniform_draws(graph: fx.Graph) -> Dict[str, int]:
         if reason:
             counts[reason] = counts.get(reason, 0) + 1
             continue
-        v = val(node)
-        shape, dtype = tuple(v.shape), v.dtype
+        shape, dtype = tuple(val(node).shape), val(node).dtype
         seed = node.args[1]
         sub = trace(lambda s: hash_uniform(shape, s, dtype), [val(seed)], fake, cache, ("hash_uniform", shape, dtype))
         meta = {k: node.meta[k] for k in ("nn_module_stack", "stack_trace", "seq_nr") if k in node.meta}
