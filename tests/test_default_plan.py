@@ -20,7 +20,7 @@ def test_masks_stay_unpacked_by_default():
     """Packing a dropout keep-mask fuses into the kernel that draws it and slowed MiniLM's
     step 1.6x (config.py): the default leaves saved masks as torch.bool.  With Inductor's
     Philox (the default ``rng``) the dropout's mask is saved, one byte per element; with
-    ``rng="hash"`` it is not saved at all: backward draws it again from its seed (8 bytes)."""
+    ``rng="hash"`` it is not saved at all: backward draws it again from the two keys of its seed (16 bytes)."""
     from test_planner import relu_dropout
 
     for rng, expected in (("hash", {"le": 128 * 256}), ("philox", {"gt": 128 * 256, "le": 128 * 256})):
@@ -30,8 +30,8 @@ def test_masks_stay_unpacked_by_default():
         assert "packed_masks" not in report.measurements
         masks = {name: b for name, b in report.saved_tensors.items() if name in ("gt", "le")}
         assert masks == expected, (rng, report.saved_tensors)
-        seeds = {name: b for name, b in report.saved_tensors.items() if "seed" in name}
-        assert list(seeds.values()) == ([8] if rng == "hash" else []), (rng, report.saved_tensors)
+        keys = {name: b for name, b in report.saved_tensors.items() if "seed" in name or "hash_keys" in name}
+        assert list(keys.values()) == ([16] if rng == "hash" else []), (rng, report.saved_tensors)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "0.1", True, float("nan")])

@@ -97,6 +97,12 @@ def test_backward_applies_the_mask_forward_drew(budget):
     assert report.uniform_draws == {"hashed": 1, "elements": 4 * 64 * 256}
     assert "inductor_random" not in report.forward_graph + report.backward_graph
     assert "iota" in report.backward_graph, "backward recomputes the mask from its seed"
+    # the seed's keys are one op (saved for backward, or drawn again there under a budget),
+    # not scalar arithmetic that Inductor would inline into each kernel reading the draw
+    keys_op = "target=torch.ops.wtacrs.hash_keys.default]"
+    assert report.forward_graph.count(keys_op) == 1
+    assert report.backward_graph.count(keys_op) <= 1
+    assert "bitwise_and" not in report.forward_graph.split(keys_op)[0], "the seed's keys come from the op"
     grads = [p.grad.clone() for p in model.parameters()]
 
     mask = h.detach() != 0

@@ -11,9 +11,9 @@ index, which Inductor fuses into the kernel that applies the mask and vectorizes
 
     before                                            after
     %seed = inductor_lookup_seed(%seeds, 3)           %seed = inductor_lookup_seed(%seeds, 3)
-    %rand = inductor_random([32,64,384], %seed,       %i    = iota(786432, int64)
-                            "rand")                   %key  = mix(hi(%seed) ^ mix(lo(%seed)))
-                                                      %h    = mix(mix(%i ^ lo(%seed)) + %key)
+    %rand = inductor_random([32,64,384], %seed,       %keys = wtacrs.hash_keys(%seed)
+                            "rand")                   %i    = iota(786432, int64)
+                                                      %h    = mix(mix(%i ^ %keys[0]) + %keys[1])
                                                       %rand = view((%h >> 8) * 2**-24, [32,64,384])
     %gt   = gt(%rand, 0.1)                            %gt   = gt(%rand, 0.1)
 
@@ -27,9 +27,14 @@ any input bit flips (the sampling noise of the check); ``tests/test_hash_rng.py`
 mean, the keep rate of a dropout mask, and the correlation of neighbouring elements and of
 two seeds.
 
-The draw is a pure function of the seed, so the partitioner recomputes it in backward for the
-cost of the hash (the mask forward applied, bit for bit: a test) and saves neither the noise
-nor the mask.  What changes is which numbers a given seed gives: a compiled model's dropout
+``%keys`` (the seed's low half and a hash of the whole seed) is one opaque op,
+``wtacrs::hash_keys``, so that its scalar arithmetic runs once per draw instead of being
+inlined into every kernel that reads the draw (Inductor's CPU code generator pays about a
+millisecond per op per kernel variant at compile time).
+
+The draw is a pure function of the keys, so the partitioner saves them (16 bytes) and
+recomputes the draw in backward for the cost of the hash (the mask forward applied, bit for
+bit: a test), saving neither the noise nor the mask.  What changes is which numbers a given seed gives: a compiled model's dropout
 masks differ from plain ``torch.compile``'s under the same ``torch.manual_seed`` (as
 ``torch.compile``'s already differ from eager's), and stay reproducible under it.
 ``rng="hash"`` turns the pass on; ``rng="philox"`` keeps Inductor's draws.  Left as they are,
@@ -61,17 +66,36 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> _SHIFTS[2])
 
 
-def hash_uniform(shape: Tuple[int, ...], seed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform numbers on [0, 1) of ``shape``, a pure function of the int64 ``seed`` and of
-    each element's flat index (see the module docstring)."""
-    numel = math.prod(shape)
-    idx = torch.arange(numel, dtype=torch.int64, device=seed.device)
+@torch.library.custom_op("wtacrs::hash_keys", mutates_args=())
+def hash_keys(seed: torch.Tensor) -> torch.Tensor:
+    """The two 32-bit keys :func:`hash_uniform` draws with, ``(lo, key)`` as an int64 ``(2,)``
+    tensor: the seed's low half, and a hash of the whole seed.
+
+    One opaque op on purpose: written as traced ops, this scalar arithmetic (~40 ops with
+    its constants) would be inlined by Inductor into every kernel that reads the draw, and
+    its CPU code generator spends about a millisecond per op per kernel variant (twice the
+    compile time of a 2-layer MiniLM).  As an op it runs once per draw and each kernel loads
+    two numbers."""
     seed = seed.to(torch.int64)
     lo = seed & _M32
     # the second key depends on the whole seed: with ``idx ^ lo`` alone, two seeds would give
     # permutations of one set of numbers (a test catches that)
     key = _mix(((seed >> 32) & _M32) ^ _mix(lo))
-    h = _mix((_mix(idx ^ lo) + key) & _M32)
+    return torch.stack([lo, key]).reshape(2)
+
+
+@hash_keys.register_fake
+def _(seed):
+    return seed.new_empty((2,), dtype=torch.int64)
+
+
+def hash_uniform(shape: Tuple[int, ...], seed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform numbers on [0, 1) of ``shape``, a pure function of the int64 ``seed`` and of
+    each element's flat index (see the module docstring)."""
+    numel = math.prod(shape)
+    idx = torch.arange(numel, dtype=torch.int64, device=seed.device)
+    keys = hash_keys(seed)
+    h = _mix((_mix(idx ^ keys[0]) + keys[1]) & _M32)
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).to(dtype).reshape(shape)
 
 
