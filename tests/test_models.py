@@ -193,9 +193,11 @@ def _compile_once(model, backend, inputs):
     return compiled, grad, seen
 
 
-# peft's LoRA BERT is the slowest case (two layers, adapters); LoRA written as plain
-# nn.Linear pairs stays in the default run (test_plain_lora_pairs_...).
-SLOW = {"lora-bert-peft", "hf-vit"}  # the slowest cases; `python -m pytest -m slow` runs them
+# The slowest cases, run with `python -m pytest -m slow`; each has a lighter counterpart in
+# the default run: peft's LoRA BERT (two layers, adapters) by LoRA written as plain nn.Linear
+# pairs (test_plain_lora_pairs_...), HF ViT by timm's ViT, and T5's encoder-decoder (90 s of
+# compile on two cores) by the T5 block of test_planner.py and T5 with dropout below.
+SLOW = {"lora-bert-peft", "hf-vit", "t5"}
 
 
 @pytest.mark.parametrize(

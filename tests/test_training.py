@@ -315,7 +315,8 @@ def test_autocast_samples_in_float32_unbiased_and_respects_min_k(dtype):
 # Dynamic shapes
 
 
-@pytest.mark.parametrize("mode", ["all", "memory"])
+# "all" repeats the memory-mode case with every linear forward-sampled: slow.
+@pytest.mark.parametrize("mode", [pytest.param("all", marks=pytest.mark.slow), "memory"])
 def test_dynamic_shapes_compile_once_like_inductor_and_stay_unbiased(mode):
     """``dynamic=True``: one graph for every batch size, as with plain torch.compile, and the
     linears are sampled in it with ``k = min(N, max(ceil(ratio N), min_k))`` a SymInt.  (The
@@ -528,6 +529,9 @@ def test_integer_inputs_embeddings_exact_linears_sampled_integer_linear_same_err
     assert all(r.ops == [] for r in b.reports)
 
 
+# A real model under autocast (60 s of compile on two cores); the sampling math under bf16
+# and fp16 stays in the default run (test_autocast_samples_in_float32_...).
+@pytest.mark.slow
 def test_hf_bert_trains_under_bf16_autocast():
     """A real model under CPU autocast: every encoder linear and attention bmm is found
     through the casts, sampled in bf16 with float32 sampling math, and the loss falls."""
