@@ -137,3 +137,32 @@ def test_dynamo_conventions():
 def test_fused_attention_names_are_real_ops(name):
     assert name in ti.FUSED_ATTENTION_BACKWARD
     assert hasattr(torch.ops.aten, name)
+
+
+def test_dtype_rules_are_torchs_built_once_and_rebuilt_when_the_registry_grows(monkeypatch):
+    from torch._inductor import utils as inductor_utils
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as Handler
+    from torch._inductor.ops_handler import OP_NAMES
+
+    torchs_init = Handler.__init__
+    builds = []
+    monkeypatch.setattr(Handler, "__init__", lambda self: (builds.append(1), torchs_init(self))[1])
+    patched_by_test = Handler.__init__
+    Handler()
+    assert len(builds) == 1  # torch's rebuild on every construction, as patched above
+    expected = {op: getattr(Handler(), op) for op in OP_NAMES}
+    builds.clear()
+    with ti.dtype_rules_built_once():
+        with ti.dtype_rules_built_once():  # nested compiles share one patch
+            handlers = [Handler() for _ in range(5)]
+        assert len(builds) == 1, "the rules are built once while the registry is unchanged"
+        assert all(h is handlers[0] for h in handlers)
+        for op in OP_NAMES:  # torch's own rules, bound to the same functions
+            got, want = getattr(handlers[0], op), expected[op]
+            assert getattr(got, "func", got) == getattr(want, "func", want), op
+            assert getattr(got, "keywords", None) == getattr(want, "keywords", None), op
+        # a late registration (the one registry that grows) is picked up on the next construction
+        monkeypatch.setitem(inductor_utils.op_dtype_propagation_rules, "wtacrs_test_op",
+                            inductor_utils.OpDtypeRule(torch._prims_common.ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT, torch.int8))
+        assert hasattr(Handler(), "wtacrs_test_op") and len(builds) == 2
+    assert Handler.__init__ is patched_by_test, "torch's __init__ is restored on exit"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch.fx as fx
 
 from .graph_utils import SavedSet, graph_flops, saved_set
-from .torch_internals import compile_fx, compile_fx_inner
+from .torch_internals import compile_fx, compile_fx_inner, dtype_rules_built_once
 
 FORWARD, BACKWARD, INFERENCE = "forward", "backward", "inference"
 
@@ -48,7 +48,8 @@ class CompiledGraphs:
                     self.saved = saved_set(self.modules[FORWARD], graph_module)
                 if on_graph is not None:
                     on_graph(kind, self)
-                return compile_fx_inner(graph_module, inputs, **kw)
+                with dtype_rules_built_once():  # a torch compile-time fix, see there
+                    return compile_fx_inner(graph_module, inputs, **kw)
             finally:
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 

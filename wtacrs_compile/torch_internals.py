@@ -8,7 +8,8 @@ machines' 2.11).
 - Inductor: ``compile_fx`` / ``compile_fx_inner`` (``compiled_graphs.py`` wraps the inner
   compile to read the forward and backward graphs), ``CustomGraphPass`` (the joint pass's base,
   with ``uuid()`` for the FX graph cache), ``stable_topological_sort``, the decomposition table
-  replacement subgraphs are traced with, and its config (``fx_graph_cache``).
+  replacement subgraphs are traced with, its config (``fx_graph_cache``), and the dtype
+  propagation handler its code generator rebuilds per op (``dtype_rules_built_once``).
 - AOTAutograd: the min-cut partitioner (the planner partitions copies of the joint graph) and
   ``torch._functorch.config`` (``activation_memory_budget``, the recomputation bans,
   ``enable_autograd_cache``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +49,7 @@ __all__ = [
     "compile_fx_inner",
     "decompositions",
     "detect_fake_mode",
+    "dtype_rules_built_once",
     "fresh_compiles",
     "functorch_config",
     "inductor_lowers_rand_like",
@@ -215,6 +218,51 @@ def fresh_compiles() -> Iterator[None]:
             yield
     finally:
         reset_dynamo()
+
+
+_codegen_patch_lock = threading.Lock()
+_codegen_patch_depth = 0
+
+
+@contextlib.contextmanager
+def dtype_rules_built_once() -> Iterator[None]:
+    """While Inductor compiles, build its dtype propagation rules once instead of per op.
+
+    ``DtypePropagationOpsHandler`` is meant to be a singleton (``__new__`` returns one
+    instance), but Python runs ``__init__`` on every construction, and Inductor's code
+    generator constructs one for every op it emits: each rebuilds a rule per op name and
+    checks coverage against ``dir(self)``, about a millisecond per emitted op on a 2-core CPU.
+    Graphs of many pointwise ops (``passes/hash_rng.py``'s hashed dropout masks: ~50 ops per
+    mask, emitted in every kernel and kernel variant that reads the mask) spent a third of their
+    compile time there.  pytorch/pytorch#192820 skips the rebuild when the registry it is built
+    from (``op_dtype_propagation_rules``, the one that grows) is unchanged; this does the same
+    for the duration of the ``with`` block, then restores torch's ``__init__``.  The rules
+    built are torch's own, so what is compiled is unchanged (``tests/test_torch_internals.py``).
+    """
+    global _codegen_patch_depth
+    from torch._inductor import utils as inductor_utils
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as handler
+
+    with _codegen_patch_lock:
+        if _codegen_patch_depth == 0:
+            original = handler.__init__
+
+            def __init__(self) -> None:
+                key = tuple(inductor_utils.op_dtype_propagation_rules.items())
+                if self.__dict__.get("_wtacrs_rules_key") != key:
+                    original(self)
+                    self._wtacrs_rules_key = key
+
+            __init__.__wrapped__ = original  # type: ignore[attr-defined]
+            handler.__init__ = __init__
+        _codegen_patch_depth += 1
+    try:
+        yield
+    finally:
+        with _codegen_patch_lock:
+            _codegen_patch_depth -= 1
+            if _codegen_patch_depth == 0:
+                handler.__init__ = handler.__init__.__wrapped__
 
 
 FUSED_ATTENTION_BACKWARD = frozenset(
