@@ -406,7 +406,8 @@ class WTACRSConfig:
         saved bytes (MiniLM default 0.055x of Inductor's instead of 0.079x, at the same step
         time within the noise; T5-base 0.084x instead of 0.10x at ~8 % more step time) for
         about two more Inductor kernels per draw site to compile (docs/performance.md).
-    rng: ``"hash"`` (opt-in until its accuracy and compile time are measured) draws dropout
+    rng: ``"hash"`` (opt-in: same accuracy, 12-18 % less step time, but 3.4-4.4x the first
+        step's compile time on this CPU; docs/performance.md) draws dropout
         masks (every ``inductor_random`` uniform draw) with a counter-based integer hash that
         Inductor vectorizes and fuses into the kernel that applies the mask, so that backward
         recomputes a mask for about what reading it saved would cost
