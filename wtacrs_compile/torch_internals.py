@@ -222,6 +222,7 @@ def fresh_compiles() -> Iterator[None]:
 
 _codegen_patch_lock = threading.Lock()
 _codegen_patch_depth = 0
+_torch_dtype_rules_init: Optional[Callable[..., None]] = None  # torch's, while patched
 
 
 @contextlib.contextmanager
@@ -239,13 +240,13 @@ def dtype_rules_built_once() -> Iterator[None]:
     for the duration of the ``with`` block, then restores torch's ``__init__``.  The rules
     built are torch's own, so what is compiled is unchanged (``tests/test_torch_internals.py``).
     """
-    global _codegen_patch_depth
+    global _codegen_patch_depth, _torch_dtype_rules_init
     from torch._inductor import utils as inductor_utils
     from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as handler
 
     with _codegen_patch_lock:
         if _codegen_patch_depth == 0:
-            original = handler.__init__
+            original = _torch_dtype_rules_init = handler.__init__
 
             def __init__(self) -> None:
                 key = tuple(inductor_utils.op_dtype_propagation_rules.items())
@@ -253,7 +254,6 @@ def dtype_rules_built_once() -> Iterator[None]:
                     original(self)
                     self._wtacrs_rules_key = key
 
-            __init__.__wrapped__ = original  # type: ignore[attr-defined]
             handler.__init__ = __init__
         _codegen_patch_depth += 1
     try:
@@ -262,7 +262,8 @@ def dtype_rules_built_once() -> Iterator[None]:
         with _codegen_patch_lock:
             _codegen_patch_depth -= 1
             if _codegen_patch_depth == 0:
-                handler.__init__ = handler.__init__.__wrapped__
+                handler.__init__ = _torch_dtype_rules_init
+                _torch_dtype_rules_init = None
 
 
 FUSED_ATTENTION_BACKWARD = frozenset(
