@@ -67,6 +67,19 @@ def test_neighbours_and_seeds_are_uncorrelated():
     assert chi2 < 255 + 5 * 22.6
 
 
+def test_flipping_one_bit_of_the_index_flips_each_output_bit_half_the_time():
+    """Avalanche: for each of the index's low 20 bits, the 24 bits a draw carries differ
+    between element i and element i ^ 2**b with probability 0.5 (5 sd of a binomial)."""
+    u = hash_uniform((N,), _seed(2024))
+    bits = (u * 2**24).to(torch.int64)
+    idx = torch.arange(N)
+    for b in range(20):
+        flipped = bits ^ bits[idx ^ (1 << b)]
+        for out in range(24):
+            rate = float(((flipped >> out) & 1).double().mean())
+            assert abs(rate - 0.5) < 5 * 0.5 / math.sqrt(N), (b, out, rate)
+
+
 def test_the_same_seed_gives_the_same_draws():
     assert torch.equal(hash_uniform((3, 5), _seed(42)), hash_uniform((3, 5), _seed(42)))
     assert not torch.equal(hash_uniform((3, 5), _seed(42)), hash_uniform((3, 5), _seed(43)))

@@ -13,24 +13,29 @@ index, which Inductor fuses into the kernel that applies the mask and vectorizes
     %seed = inductor_lookup_seed(%seeds, 3)           %seed = inductor_lookup_seed(%seeds, 3)
     %rand = inductor_random([32,64,384], %seed,       %keys = wtacrs.hash_keys(%seed)
                             "rand")                   %i    = iota(786432, int64)
-                                                      %h    = mix(mix(%i ^ %keys[0]) + %keys[1])
+                                                      %h    = mix((%i * %keys[0]) & M32 ^ %keys[1])
                                                       %rand = view((%h >> 8) * 2**-24, [32,64,384])
     %gt   = gt(%rand, 0.1)                            %gt   = gt(%rand, 0.1)
 
 ``mix`` is a 32-bit integer finaliser (xor-shift, multiply, xor-shift, multiply, xor-shift;
-multipliers below 2**31 so every product fits an ``int64`` without overflow).  Two rounds, the
-first keyed by the seed's low half, the second by a hash of the whole seed, make each seed its
-own function of the index: not a shifted window of one sequence (the seed added to the index)
-nor a permutation of one set of numbers (the seed xor-ed into it, alone).  The top 24 bits
-give a uniform on ``[0, 1)`` with the resolution of ``torch.rand``'s float32 draws.  Every output bit flips with probability 0.5 +- 0.004 when
-any input bit flips (the sampling noise of the check); ``tests/test_hash_rng.py`` bounds the
-mean, the keep rate of a dropout mask, and the correlation of neighbouring elements and of
-two seeds.
+multipliers below 2**31 so every product fits an ``int64`` without overflow).  The keys are
+two hashes of the whole seed: an odd multiplier below 2**31 and an xor key.  Multiplying the
+index by a per-seed odd number (a bijection modulo 2**32) makes each seed's inputs to ``mix``
+a different lattice, so two seeds are neither shifted windows of one sequence (the seed added
+to the index) nor permutations of one set of numbers (the seed xor-ed into it, alone).  The
+top 24 bits give a uniform on ``[0, 1)`` with the resolution of ``torch.rand``'s float32
+draws.  Every output bit flips with probability 0.5 +- 0.003 when any bit of the index or of
+the xor key flips (the sampling noise of the check); ``tests/test_hash_rng.py`` bounds the
+mean, each bit's balance, the keep rate of a dropout mask, and the correlation of
+neighbouring elements and of seeds.
 
-``%keys`` (the seed's low half and a hash of the whole seed) is one opaque op,
-``wtacrs::hash_keys``, so that its scalar arithmetic runs once per draw instead of being
-inlined into every kernel that reads the draw (Inductor's CPU code generator pays about a
-millisecond per op per kernel variant at compile time).
+Each element costs 16 ops: about half of what two keyed ``mix`` rounds cost
+(commits before 2026-12-03), and Inductor's CPU code generator spends its compile time per op
+emitted, in every kernel and kernel variant that reads the draw (a 2-layer probe's first step:
+6.3 s against 12.6 s with two rounds, Philox 4.2 s).
+
+``%keys`` is one opaque op, ``wtacrs::hash_keys``, so that the seed's scalar arithmetic runs
+once per draw instead of being inlined into every kernel that reads the draw.
 
 The draw is a pure function of the keys, so the partitioner saves them (16 bytes) and
 recomputes the draw in backward for the cost of the hash (the mask forward applied, bit for
@@ -68,8 +73,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("wtacrs::hash_keys", mutates_args=())
 def hash_keys(seed: torch.Tensor) -> torch.Tensor:
-    """The two 32-bit keys :func:`hash_uniform` draws with, ``(lo, key)`` as an int64 ``(2,)``
-    tensor: the seed's low half, and a hash of the whole seed.
+    """The two 32-bit keys :func:`hash_uniform` draws with, ``(mul, xor)`` as an int64 ``(2,)``
+    tensor: an odd multiplier below 2**31 and an xor key, both hashes of the whole seed.
 
     One opaque op on purpose: written as traced ops, this scalar arithmetic (~40 ops with
     its constants) would be inlined by Inductor into every kernel that reads the draw, and
@@ -78,10 +83,12 @@ def hash_keys(seed: torch.Tensor) -> torch.Tensor:
     two numbers."""
     seed = seed.to(torch.int64)
     lo = seed & _M32
-    # the second key depends on the whole seed: with ``idx ^ lo`` alone, two seeds would give
-    # permutations of one set of numbers (a test catches that)
-    key = _mix(((seed >> 32) & _M32) ^ _mix(lo))
-    return torch.stack([lo, key]).reshape(2)
+    a = _mix(lo)
+    b = _mix(((seed >> 32) & _M32) ^ a)  # depends on the whole seed
+    # odd and below 2**31: idx * mul < 2**63 for idx < 2**32, and idx -> idx * mul is a
+    # bijection modulo 2**32
+    mul = (b >> 1) | 1
+    return torch.stack([mul, _mix(b ^ lo)]).reshape(2)
 
 
 @hash_keys.register_fake
@@ -95,7 +102,7 @@ def hash_uniform(shape: Tuple[int, ...], seed: torch.Tensor, dtype: torch.dtype 
     numel = math.prod(shape)
     idx = torch.arange(numel, dtype=torch.int64, device=seed.device)
     keys = hash_keys(seed)
-    h = _mix((_mix(idx ^ keys[0]) + keys[1]) & _M32)
+    h = _mix(((idx * keys[0]) & _M32) ^ keys[1])
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).to(dtype).reshape(shape)
 
 
