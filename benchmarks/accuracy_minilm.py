@@ -13,9 +13,10 @@ fixed data seed; 3,000 train / 1,000 test sentences, max length 64 (padded: stat
 batch 32 (the last incomplete batch dropped: 93 steps), AdamW lr 5e-5, one epoch (--epochs).  The
 training seed (classifier init, dropout, shuffling order, the sampler's draws) is --seeds; the
 backward draws (the default) come from the backend's own stream (``wtacrs_compile.manual_seed``),
-so an exact and a default wtacrs run of one seed share their dropout masks and batch order
-(``rng="hash"`` draws other masks from the same seeds: the row "exact (wtacrs ratio=1, hashed
-dropout)" shares them).
+so a wtacrs run and the exact run of one seed with the same dropout masks share those masks
+and the batch order.  The default ``rng="auto"`` hashes CPU dropout masks: other masks than
+Inductor's Philox draws from the same seeds, which the row "exact (wtacrs ratio=1, hashed
+dropout)" shares; "wtacrs default philox" shares "exact (inductor)"'s.
 Test accuracy is measured in eval mode with the exact forward (wtacrs changes only weight
 gradients).
 """
@@ -45,10 +46,14 @@ CONFIGS = {
     # draws have their own stream, so its gap to the exact row is the estimate's alone.
     # Forward draws, modes memory and all, draw from torch's generator.)
     "exact (inductor) reseeded dropout": {"kind": "inductor", "dropout_seed_offset": 1000},
-    # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1, systematic draws
+    # backend="wtacrs" with nothing else: compute mode, r=0.3, memory_budget=0.1, systematic
+    # draws, hashed dropout masks on the CPU (rng="auto")
     "wtacrs default": {"kind": "wtacrs"},
-    # the default with hashed dropout masks (passes/hash_rng.py: other masks than Inductor's)
+    # hashed dropout masks on every device (passes/hash_rng.py: other masks than Inductor's);
+    # on the CPU the default's configuration, under the name of the runs before it was
     "wtacrs default hash": {"kind": "wtacrs", "rng": "hash"},
+    # Inductor's Philox masks (the default before 2026-12-03): "exact (inductor)"'s masks
+    "wtacrs default philox": {"kind": "wtacrs", "rng": "philox"},
     # nothing sampled (ratio 1), hashed dropout masks: "wtacrs default hash"'s gap to this row
     # is the estimate's alone, its gap to "exact (inductor)" the estimate's and the masks'
     "exact (wtacrs ratio=1, hashed dropout)": {"kind": "wtacrs", "ratio": 1.0, "rng": "hash"},
@@ -78,7 +83,7 @@ CONFIGS = {
     # the paper's gradient-norm feedback: needs a previous epoch to have cached norms
     "wtacrs r=0.3 feedback": {"kind": "wtacrs", "ratio": 0.3, "mode": "memory", "feedback": True},
 }
-DEFAULT_CONFIGS = ["exact (inductor)", "wtacrs default", "wtacrs default r=0.1"]
+DEFAULT_CONFIGS = ["exact (inductor)", "exact (wtacrs ratio=1, hashed dropout)", "wtacrs default"]
 
 
 def load_sentences(n_train: int, n_test: int, data_seed: int = 0):

@@ -198,9 +198,12 @@ def configurations(modes: bool = True) -> List[Dict[str, Any]]:
     out.append({"name": "wtacrs default inline draws", "kind": "wtacrs", "inline_draws": True})
     # X's side of backward draws traced where X is recomputable (bytes vs compile and step time)
     out.append({"name": "wtacrs default recompute inputs", "kind": "wtacrs", "recompute_draw_inputs": True})
-    # hashed dropout masks (passes/hash_rng.py) instead of Inductor's Philox, and the hash with
+    # dropout masks: the default ("auto") hashes CPU draws (passes/hash_rng.py); "hash" hashes
+    # every draw (the default's figures on the CPU, and the name of the earlier runs),
+    # "philox" keeps Inductor's draws (the default before 2026-12-03); and the hash with
     # nothing sampled: what the hash alone gives an exact partition under the same budget
     out.append({"name": "wtacrs default hash", "kind": "wtacrs", "rng": "hash"})
+    out.append({"name": "wtacrs default philox", "kind": "wtacrs", "rng": "philox"})
     out.append({"name": "wtacrs exact budget=0.1 hash", "kind": "wtacrs", "ratio": 1.0, "rng": "hash"})
     if modes:
         for b in (1.0, 0.1):

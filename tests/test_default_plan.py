@@ -19,11 +19,13 @@ def test_defaults_are_compute_mode_under_a_budget():
 def test_masks_stay_unpacked_by_default():
     """Packing a dropout keep-mask fuses into the kernel that draws it and slowed MiniLM's
     step 1.6x (config.py): the default leaves saved masks as torch.bool.  With Inductor's
-    Philox (the default ``rng``) the dropout's mask is saved, one byte per element; with
-    ``rng="hash"`` it is not saved at all: backward draws it again from the two keys of its seed (16 bytes)."""
+    Philox (``rng="philox"``) the dropout's mask is saved, one byte per element; with hashed
+    draws (``rng="hash"``, and the default ``"auto"`` on the CPU) it is not saved at all:
+    backward draws it again from the two keys of its seed (16 bytes)."""
     from test_planner import relu_dropout
 
-    for rng, expected in (("hash", {"le": 128 * 256}), ("philox", {"gt": 128 * 256, "le": 128 * 256})):
+    hashed = {"le": 128 * 256}
+    for rng, expected in (("auto", hashed), ("hash", hashed), ("philox", {"gt": 128 * 256, "le": 128 * 256})):
         model = relu_dropout()
         report = run(model, (torch.randn(128, 64),), memory_budget=None, ratio=1.0, rng=rng)
         assert report.packed_masks == []
@@ -31,7 +33,7 @@ def test_masks_stay_unpacked_by_default():
         masks = {name: b for name, b in report.saved_tensors.items() if name in ("gt", "le")}
         assert masks == expected, (rng, report.saved_tensors)
         keys = {name: b for name, b in report.saved_tensors.items() if "seed" in name or "hash_keys" in name}
-        assert list(keys.values()) == ([16] if rng == "hash" else []), (rng, report.saved_tensors)
+        assert list(keys.values()) == ([] if rng == "philox" else [16]), (rng, report.saved_tensors)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "0.1", True, float("nan")])

@@ -155,13 +155,35 @@ def test_philox_keeps_inductors_draws_and_normal_draws_are_left_alone():
             return nn.functional.dropout(self.lin(x), 0.2) + 0.01 * torch.randn_like(x)
 
     x = torch.randn(8, 16)
-    for rng, expected in (("hash", {"hashed": 1, "elements": 128, "randn draws (only uniform ones are hashed)": 1}),
-                          ("philox", {})):
+    hashed = {"hashed": 1, "elements": 128, "randn draws (only uniform ones are hashed)": 1}
+    for rng, expected in (("hash", hashed), ("auto", hashed), ("philox", {})):
         backend = wtacrs_compile.backend(rng=rng, ratio=1.0)
         torch.compile(Noisy(), backend=backend)(x).sum().backward()
         assert backend.reports[0].uniform_draws == expected, rng
 
 
+def test_auto_hashes_the_cpu_draws_and_leaves_other_devices_to_philox():
+    """``rng="auto"`` (the default) rewrites only the draws made on the CPU; a draw on another
+    device (here ``meta``, standing for a GPU this machine lacks) keeps Inductor's Philox and
+    is counted with the reason, which the inspector prints.  ``"hash"`` rewrites both."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from wtacrs_compile.passes.hash_rng import hash_uniform_draws
+
+    def draws(seed_cpu, seed_other):
+        rand = torch.ops.prims.inductor_random.default
+        return rand([4, 8], seed_cpu, "rand"), rand([4, 8], seed_other, "rand")
+
+    seeds = (_seed(1), torch.tensor(1, dtype=torch.int64, device="meta"))
+    reason = "meta draws (rng='auto' hashes CPU draws; rng='hash' hashes all)"
+    for cpu_only, expected in ((True, {"hashed": 1, "elements": 32, reason: 1}), (False, {"hashed": 2, "elements": 64})):
+        gm = make_fx(draws, tracing_mode="fake")(*seeds)
+        assert hash_uniform_draws(gm.graph, cpu_only=cpu_only) == expected
+        left = [n for n in gm.graph.nodes if n.target is torch.ops.prims.inductor_random.default]
+        assert [n.meta["val"].device.type for n in left] == (["meta"] if cpu_only else [])
+    assert wtacrs_compile.WTACRSConfig().rng == "auto"
+
+
 def test_an_unknown_rng_is_an_error_naming_the_choices():
-    with pytest.raises(ValueError, match="rng must be one of 'hash', 'philox', got 'mt19937'"):
+    with pytest.raises(ValueError, match="rng must be one of 'auto', 'hash', 'philox', got 'mt19937'"):
         wtacrs_compile.WTACRSConfig(rng="mt19937")

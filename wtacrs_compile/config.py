@@ -48,10 +48,11 @@ OP_KINDS = ("linear", "bmm", "lora")
 SAMPLINGS = ("systematic", "iid")
 """How a draw picks its non-winner rows (:mod:`wtacrs_compile.estimator`)."""
 
-RNGS = ("hash", "philox")
+RNGS = ("auto", "hash", "philox")
 """How the compiled graphs draw Inductor's uniform noise (dropout masks): ``hash``, integer
 arithmetic on the element index that Inductor vectorizes and backward recomputes cheaply
-(:mod:`wtacrs_compile.passes.hash_rng`), or ``philox``, Inductor's own draws."""
+(:mod:`wtacrs_compile.passes.hash_rng`), ``philox``, Inductor's own draws, or ``auto``, the
+hash for CPU draws and Philox for the others."""
 
 SETTINGS = ("ratio", "min_k", "mode", "deterministic", "sampling", "enabled")
 """The per-op settings a rule or an annotation may give."""
@@ -406,14 +407,16 @@ class WTACRSConfig:
         saved bytes (MiniLM default 0.055x of Inductor's instead of 0.079x, at the same step
         time within the noise; T5-base 0.084x instead of 0.10x at ~8 % more step time) for
         about two more Inductor kernels per draw site to compile (docs/performance.md).
-    rng: ``"hash"`` (opt-in: same accuracy, 12-18 % less step time, but 3.4-4.4x the first
-        step's compile time on this CPU; docs/performance.md) draws dropout
-        masks (every ``inductor_random`` uniform draw) with a counter-based integer hash that
-        Inductor vectorizes and fuses into the kernel that applies the mask, so that backward
-        recomputes a mask for about what reading it saved would cost
-        (:mod:`wtacrs_compile.passes.hash_rng`; ``benchmarks/mask_cost.py``); ``"philox"``
-        (the default) keeps Inductor's Philox draws (the masks plain ``torch.compile`` draws
-        under the same seed).  Either way forward and backward apply the same mask.
+    rng: ``"auto"`` (the default) draws the dropout masks made on the CPU (every
+        ``inductor_random`` uniform draw) with a counter-based integer hash that Inductor
+        vectorizes and fuses into the kernel that applies the mask, so that backward
+        recomputes a mask for about what reading it saved would cost, and leaves other
+        devices' draws to Inductor's Philox; ``"hash"`` hashes every draw, ``"philox"`` none
+        (the masks plain ``torch.compile`` draws under the same seed).  Either way forward and
+        backward apply the same mask.  On the CPU the hash takes the step 10-18 % below
+        Philox's at the same accuracy (MiniLM, 3 seeds) for ~30 % more first-step compile
+        time (:mod:`wtacrs_compile.passes.hash_rng`; docs/performance.md, "Hashed dropout
+        masks").
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
     exactly under a budget of 0.1 and sample weight gradients in backward
@@ -437,7 +440,7 @@ class WTACRSConfig:
     min_draw_gain: float = 32.0
     inline_draws: bool = False
     recompute_draw_inputs: bool = False
-    rng: str = "philox"
+    rng: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio, ""))

@@ -42,9 +42,12 @@ recomputes the draw in backward for the cost of the hash (the mask forward appli
 bit: a test), saving neither the noise nor the mask.  What changes is which numbers a given seed gives: a compiled model's dropout
 masks differ from plain ``torch.compile``'s under the same ``torch.manual_seed`` (as
 ``torch.compile``'s already differ from eager's), and stay reproducible under it.
-``rng="hash"`` turns the pass on; ``rng="philox"`` keeps Inductor's draws.  Left as they are,
-and counted in the report: normal draws (``"randn"``), draws of 2**32 elements or more (the index would not fit the
-hash's 32 bits), and draws with a symbolic size.
+``rng="auto"`` (the default) hashes the draws made on the CPU, ``rng="hash"`` every draw,
+``rng="philox"`` none.  Left as they are, and counted in the report: normal draws
+(``"randn"``), draws of 2**32 elements or more (the index would not fit the hash's 32 bits),
+draws with a symbolic size, and under ``"auto"`` draws on another device than the CPU (the
+measured gain is the CPU's: Inductor's Triton Philox is vectorized, and the hash's 64-bit
+integer products are not cheap on a GPU; no GPU measurement backs either choice yet).
 """
 
 from __future__ import annotations
@@ -106,11 +109,13 @@ def hash_uniform(shape: Tuple[int, ...], seed: torch.Tensor, dtype: torch.dtype 
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).to(dtype).reshape(shape)
 
 
-def _bail_out(node: fx.Node) -> str:
+def _bail_out(node: fx.Node, cpu_only: bool) -> str:
     """Why a uniform draw is left to Inductor's Philox ("" when it is hashed)."""
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode")
     if mode != "rand":
         return f"{mode} draws (only uniform ones are hashed)"
+    if cpu_only and val(node).device.type != "cpu":
+        return f"{val(node).device.type} draws (rng='auto' hashes CPU draws; rng='hash' hashes all)"
     shape = val(node).shape
     if not all(isinstance(d, int) for d in shape):
         return "symbolic size"
@@ -119,10 +124,10 @@ def _bail_out(node: fx.Node) -> str:
     return ""
 
 
-def hash_uniform_draws(graph: fx.Graph) -> Dict[str, int]:
-    """Replace each ``inductor_random(size, seed, "rand")`` of ``graph`` by
-    :func:`hash_uniform` of its seed.  Returns counts: ``hashed`` draws and their
-    ``elements``, and one entry per reason a draw was left as it was."""
+def hash_uniform_draws(graph: fx.Graph, cpu_only: bool = False) -> Dict[str, int]:
+    """Replace each ``inductor_random(size, seed, "rand")`` of ``graph`` (made on the CPU, with
+    ``cpu_only``) by :func:`hash_uniform` of its seed.  Returns counts: ``hashed`` draws and
+    their ``elements``, and one entry per reason a draw was left as it was."""
     counts: Dict[str, int] = {"hashed": 0, "elements": 0}
     target = torch.ops.prims.inductor_random.default
     nodes = [n for n in graph.nodes if is_call(n, target)]
@@ -131,7 +136,7 @@ def hash_uniform_draws(graph: fx.Graph) -> Dict[str, int]:
     fake = fake_mode_of(graph)
     cache: dict = {}
     for node in nodes:
-        reason = _bail_out(node)
+        reason = _bail_out(node, cpu_only)
         if reason:
             counts[reason] = counts.get(reason, 0) + 1
             continue

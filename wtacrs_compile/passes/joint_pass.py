@@ -234,8 +234,8 @@ class WTACRSJointPass(CustomGraphPass):
         # Before any partition (the planner's and the exact baseline's too): under a memory
         # budget torch's partitioner would otherwise redraw dropout in backward.
         report.random_ops_kept = keep_random_ops(graph)
-        if self.config.rng == "hash":  # before any partition: every one sees the same draws
-            report.uniform_draws = hash_uniform_draws(graph)
+        if self.config.rng != "philox":  # before any partition: every one sees the same draws
+            report.uniform_draws = hash_uniform_draws(graph, cpu_only=self.config.rng == "auto")
         # the default partition's FLOPs, counted before any rewrite, where no partition of
         # this graph is measured for them (backward draws only, no budget)
         report.flops["joint"] = joint_flops(graph)
