@@ -413,9 +413,9 @@ class WTACRSConfig:
         recomputes a mask for about what reading it saved would cost, and leaves other
         devices' draws to Inductor's Philox; ``"hash"`` hashes every draw, ``"philox"`` none
         (the masks plain ``torch.compile`` draws under the same seed).  Either way forward and
-        backward apply the same mask.  On the CPU the hash takes the step 10-18 % below
-        Philox's at the same accuracy (MiniLM, 3 seeds) for ~30 % more first-step compile
-        time (:mod:`wtacrs_compile.passes.hash_rng`; docs/performance.md, "Hashed dropout
+        backward apply the same mask.  On the CPU the hash takes the step 12-21 % below
+        Philox's (MiniLM, BERT-base) at the same accuracy (MiniLM, 3 seeds) for 30-36 % more
+        first-step compile time (:mod:`wtacrs_compile.passes.hash_rng`; docs/performance.md, "Hashed dropout
         masks").
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute

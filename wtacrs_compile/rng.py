@@ -4,9 +4,9 @@ Backward draws (the default) take their noise from a generator this module owns,
 device, never from torch's global generator.  Turning the backend on therefore leaves
 torch's generator where plain ``torch.compile`` leaves it: a ``DataLoader``'s shuffling, any
 initialisation and the dropout masks' seeds see the same random numbers with and without it
-(the masks themselves too with the default ``rng="philox"``; ``"hash"`` hashes those seeds,
-:mod:`wtacrs_compile.passes.hash_rng`), so paired runs share everything but the estimate and
-the mask function (the comparison the accuracy benchmarks make).
+(the masks themselves too with ``rng="philox"``; the default ``"auto"`` hashes those seeds on
+the CPU, :mod:`wtacrs_compile.passes.hash_rng`), so paired runs share everything but the
+estimate and the mask function (the comparison the accuracy benchmarks make).
 
 Seeding: the stream is seeded from ``torch.initial_seed()`` (mixed, so that it is not the
 global stream's own sequence) the first time it draws, and again whenever

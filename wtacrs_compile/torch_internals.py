@@ -233,9 +233,9 @@ def dtype_rules_built_once() -> Iterator[None]:
     instance), but Python runs ``__init__`` on every construction, and Inductor's code
     generator constructs one for every op it emits: each rebuilds a rule per op name and
     checks coverage against ``dir(self)``, about a millisecond per emitted op on a 2-core CPU.
-    Graphs of many pointwise ops (``passes/hash_rng.py``'s hashed dropout masks: ~50 ops per
-    mask, emitted in every kernel and kernel variant that reads the mask) spent a third of their
-    compile time there.  pytorch/pytorch#192820 skips the rebuild when the registry it is built
+    Graphs of many pointwise ops (``passes/hash_rng.py``'s first hashed dropout masks: ~50 ops
+    per mask, emitted in every kernel and kernel variant that reads the mask) spent a third of
+    their compile time there.  pytorch/pytorch#192820 skips the rebuild when the registry it is built
     from (``op_dtype_propagation_rules``, the one that grows) is unchanged; this does the same
     for the duration of the ``with`` block, then restores torch's ``__init__``.  The rules
     built are torch's own, so what is compiled is unchanged (``tests/test_torch_internals.py``).
