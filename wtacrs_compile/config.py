@@ -414,8 +414,8 @@ class WTACRSConfig:
         devices' draws to Inductor's Philox; ``"hash"`` hashes every draw, ``"philox"`` none
         (the masks plain ``torch.compile`` draws under the same seed).  Either way forward and
         backward apply the same mask.  On the CPU the hash takes the step 12-21 % below
-        Philox's (MiniLM, BERT-base) at the same accuracy (MiniLM, 3 seeds) for 30-36 % more
-        first-step compile time (:mod:`wtacrs_compile.passes.hash_rng`; docs/performance.md, "Hashed dropout
+        Philox's (MiniLM, BERT-base, T5-base) at the same accuracy (MiniLM, 3 seeds) for
+        30-39 % more first-step compile time (:mod:`wtacrs_compile.passes.hash_rng`; docs/performance.md, "Hashed dropout
         masks").
 
     The defaults are the plan chosen from the measurements (README, "Results"): recompute
