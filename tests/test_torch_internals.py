@@ -60,6 +60,13 @@ def test_compile_hooks_exist_with_the_keywords_used():
     assert callable(ti.compile_fx_inner)
     assert "uuid" in ti.CustomGraphPass.__abstractmethods__
     assert hasattr(torch._inductor.config, "joint_custom_post_pass")
+    # passes/meet_budget.py: Inductor calls the custom partitioner with the min-cut's keywords
+    assert hasattr(torch._inductor.config, "custom_partitioner_fn")
+    assert {"__call__", "uuid"} <= ti.CustomPartitionerFn.__abstractmethods__
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    keywords = set(inspect.signature(min_cut_rematerialization_partition).parameters)
+    assert {"compiler", "num_fwd_outputs", "static_lifetime_input_indices"} <= keywords
 
 
 def test_partitioner_config_keys():

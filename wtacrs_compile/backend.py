@@ -16,6 +16,7 @@ from .compiled_graphs import BACKWARD, INFERENCE, CompiledGraphs, recording_comp
 from .config import WTACRSConfig
 from .feedback import GradNormCache
 from .passes.joint_pass import WTACRSJointPass, complete_from_compiled
+from .passes.meet_budget import BudgetedPartitioner
 from .plan_cache import PlanCache, compile_key
 from .report import CompileReport, _log
 from .torch_internals import inductor_config_fingerprint, is_static_input
@@ -108,12 +109,13 @@ class WTACRSBackend:
         # The AOTAutograd cache would skip the joint pass on a hit and leave no report (the
         # settings turn it off); the FX graph cache (forward and backward code) stays on and is
         # keyed by the pass's uuid().
+        patches = {"joint_custom_post_pass": joint_pass}
+        if partitioner.target is not None:  # memory_budget holds for the counted bytes
+            patches["custom_partitioner_fn"] = BudgetedPartitioner(partitioner, report)
         start = time.perf_counter()
         try:
             with partitioner.active():
-                fn = recording_compile_fx(
-                    gm, example_inputs, compiled, on_graph, config_patches={"joint_custom_post_pass": joint_pass}
-                )
+                fn = recording_compile_fx(gm, example_inputs, compiled, on_graph, config_patches=patches)
             if key is not None:
                 self.compiled.put(key, (fn, report))
             return fn

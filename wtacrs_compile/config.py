@@ -381,7 +381,13 @@ class WTACRSConfig:
     memory_budget: exact recomputation first: the partitioner's
         ``activation_memory_budget`` for this compile, in (0, 1] (1.0: Inductor's default
         partition; ``None``: leave torch's setting alone).  A budget the user set in
-        ``torch._functorch.config`` also applies: the smaller one wins.  Where torch's
+        ``torch._functorch.config`` also applies: the smaller one wins.  The backend's
+        budget is a promise on the counted bytes: where torch's solver returns a cut that
+        saves more than ``memory_budget`` times Inductor's default partition (its knapsack
+        works on an estimate; T5-base: 0.102x at 0.1), the joint graph is partitioned again
+        under a lower ``activation_memory_budget``, up to three times
+        (:mod:`wtacrs_compile.passes.meet_budget`; the report's ``tightened_budget`` and
+        ``partitioner_note``).  A smaller budget set in torch's config keeps torch's meaning.  Where torch's
         budget solver gives up (the parameters outweigh the activations, as for BERT-base
         at a small batch) the backend lifts the partitioner's recomputation bans instead;
         see :mod:`wtacrs_compile.passes.plan_memory`.

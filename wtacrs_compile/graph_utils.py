@@ -457,6 +457,12 @@ class PartitionerSettings:
         self._config = functorch_config
         user = functorch_config.activation_memory_budget
         self.budget = user if memory_budget is None else min(float(memory_budget), user)
+        # what the compile promises of the counted bytes (passes/meet_budget.py): the backend's
+        # memory_budget where it is the budget in force; a smaller one the user set in
+        # torch._functorch.config keeps torch's meaning
+        self.target: Optional[float] = (
+            float(memory_budget) if memory_budget is not None and float(memory_budget) <= user and memory_budget < 1.0 else None
+        )
         self.relaxed = False
         self._initial_bans = self.bans()
 

@@ -66,6 +66,9 @@ class CompileReport:
     baseline_saved_tensors: Dict[str, int] = field(default_factory=dict)
     packed_masks: List[str] = field(default_factory=list)  # boolean masks stored as bits
     partitioner_note: str = ""  # how the exact partition was obtained, when not plainly
+    # the activation_memory_budget the compiled partition ran under, where torch's cut at the
+    # compile's budget saved more than memory_budget promised (passes/meet_budget.py)
+    tightened_budget: Optional[float] = None
     random_ops_kept: int = 0  # random nodes (dropout) banned from recomputation (passes/keep_random.py)
     # uniform draws (dropout masks) made with the hash (passes/hash_rng.py): "hashed", their
     # "elements", and a count per reason a draw kept Inductor's Philox
@@ -121,6 +124,7 @@ class CompileReport:
             "baseline_saved_tensors": dict(self.baseline_saved_tensors),
             "packed_masks": list(self.packed_masks),
             "partitioner_note": self.partitioner_note,
+            "tightened_budget": self.tightened_budget,
             "random_ops_kept": self.random_ops_kept,
             "uniform_draws": dict(self.uniform_draws),
             "compile_seconds": dict(self.compile_seconds),

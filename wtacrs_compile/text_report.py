@@ -188,6 +188,9 @@ def format_report(report: Any, diff: bool = False, joint: bool = False, color: b
             hashed, elements = draws.pop("hashed", 0), draws.pop("elements", 0)
             left = "".join(f"; left to Inductor's Philox: {n} ({why})" for why, n in sorted(draws.items()))
             out.append(f"  uniform draws (dropout masks) hashed: {hashed} ({elements:,} elements){left}")
+        note = getattr(g.report, "partitioner_note", "")
+        if note:  # recomputation bans lifted, a budget tightened (passes/meet_budget.py)
+            out.append(f"  partitioner: {note}")
     out.append("")
 
     if diff or joint:

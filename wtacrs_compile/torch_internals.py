@@ -12,7 +12,8 @@ machines' 2.11).
   propagation handler its code generator rebuilds per op (``dtype_rules_built_once``).
 - AOTAutograd: the min-cut partitioner (the planner partitions copies of the joint graph) and
   ``torch._functorch.config`` (``activation_memory_budget``, the recomputation bans,
-  ``enable_autograd_cache``).
+  ``enable_autograd_cache``); Inductor's ``custom_partitioner_fn`` hook and its
+  ``CustomPartitionerFn`` base (``passes/meet_budget.py`` partitions through it).
 - FX conventions: fake tensors in ``meta["val"]`` (``detect_fake_mode``), the activation
   checkpointing tag ``meta["recompute"]`` that makes AOTAutograd replay a random op in backward,
   size hints of symbolic shapes, ``make_fx``.
@@ -34,7 +35,7 @@ from torch._functorch import config as functorch_config
 from torch._guards import detect_fake_mode
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn
 from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
@@ -43,6 +44,7 @@ from .rng import noise_shape
 
 __all__ = [
     "CustomGraphPass",
+    "CustomPartitionerFn",
     "checkpoint_tag",
     "FUSED_ATTENTION_BACKWARD",
     "compile_fx",
@@ -56,6 +58,7 @@ __all__ = [
     "inductor_config_fingerprint",
     "is_static_input",
     "make_fx_graph",
+    "min_cut_partition",
     "never_recompute",
     "original_module",
     "partition_joint",
@@ -146,6 +149,15 @@ def partition_joint(
         num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_input_indices,
     )
+
+
+def min_cut_partition(gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any) -> Tuple[fx.GraphModule, fx.GraphModule]:
+    """What Inductor's ``partition_fn`` calls when no ``custom_partitioner_fn`` is set, with
+    the keyword arguments it passes one (``compiler``, ``num_fwd_outputs``,
+    ``static_lifetime_input_indices``, ...)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
 
 def budget_solver_gives_up(saved_value_bytes: int, input_bytes: int) -> bool:

@@ -10,6 +10,9 @@
 * :mod:`.sample_matmul`: rewrite a matched linear's weight-gradient matmul to WTA-CRS;
 * :mod:`.sample_bmm`: rewrite a matched bmm, one draw per (batch, head);
 * :mod:`.pack_masks`: store the boolean masks saved for backward as packed bits;
+* :mod:`.meet_budget`: Inductor's ``custom_partitioner_fn``: hold the partition to
+  ``memory_budget`` in counted bytes, partitioning again under a tighter budget where torch's
+  solver overshoots it;
 * :mod:`.joint_pass`: the ``CustomGraphPass`` Inductor calls on the joint graph, tying them
   together.
 """
