@@ -121,4 +121,5 @@ def test_the_compiled_step_under_a_tightened_budget_is_exact(monkeypatch):
     assert report.compiled_saved_bytes <= 0.5 * 0.6 * report.inductor_saved_bytes
     assert report.compiled_saved_bytes < report.measurements["cut_before_tightening"]
     assert report.wtacrs_saved_bytes == report.compiled_saved_bytes
+    assert report.compile_seconds["partition"] > 0  # what the re-partitions cost, reported
     assert "partitioned again under" in report.partitioner_note

@@ -75,7 +75,8 @@ class CompileReport:
     uniform_draws: Dict[str, int] = field(default_factory=dict)
     # Wall seconds of this graph's compile by stage (see backend.py): "exact_baseline",
     # "plan" (the planner's trial partitions), "rewrite", "joint_pass" (all of the pass),
-    # "inductor_forward" / "inductor_backward" (code generation) and "backend" (the whole
+    # "inductor_forward" / "inductor_backward" (code generation), "partition" (AOTAutograd's
+    # partition where memory_budget is in force: passes/meet_budget.py) and "backend" (the whole
     # backend call: AOTAutograd's tracing and partition, the pass, Inductor).
     compile_seconds: Dict[str, float] = field(default_factory=dict)
     # FLOPs of matmul-class ops (torch.utils.flop_counter's formulas) per partition, each
