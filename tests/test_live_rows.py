@@ -129,6 +129,7 @@ def _compiled_step(live_rows: bool):
     return backend.reports[-1], measured
 
 
+@pytest.mark.slow  # 31 s on CI's 2 cores; forward draws are opt-in, live rows alone stay in the default run
 def test_forward_draws_and_live_rows_together_and_the_bytes_they_save():
     report, measured = _compiled_step(live_rows=True)
     decisions = {op.module: op.decision for op in report.ops}

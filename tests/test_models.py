@@ -328,6 +328,7 @@ def test_module_names_through_dict_modules():
     assert normalize_fqn(path) == "base_model.model.bert.encoder.layer.0"
 
 
+@pytest.mark.slow  # 52 s on CI's 2 cores; pack_masks is opt-in, T5's lifted constants are in the model matrix
 def test_t5_with_dropout_at_ratio_one_packs_masks_despite_lifted_constants():
     """T5's graph holds a lifted tensor constant (a get_attr node); with dropout on, the mask
     packing partitions a copy of the joint graph, which must still resolve it (a bare copy
