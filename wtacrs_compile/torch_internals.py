@@ -140,14 +140,8 @@ def partition_joint(
     gm: fx.GraphModule, num_fwd_outputs: int, static_input_indices: Optional[List[int]]
 ) -> Tuple[fx.GraphModule, fx.GraphModule]:
     """AOTAutograd's min-cut partition of a joint graph module, as Inductor runs it."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    return min_cut_rematerialization_partition(
-        gm,
-        None,
-        compiler="inductor",
-        num_fwd_outputs=num_fwd_outputs,
-        static_lifetime_input_indices=static_input_indices,
+    return min_cut_partition(
+        gm, None, compiler="inductor", num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_input_indices
     )
 
 

@@ -54,6 +54,11 @@ about one for one near 0.1 (T5-base: budget 0.09 / 0.095 / 0.1 save 0.096x / 0.1
 and a quarter more lands below the target in one step instead of just above it."""
 
 
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A module over a deep copy of ``gm``'s graph, for a partition of its own."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
 def next_budget(budget: float, ratio: float, target: float) -> float:
     """The budget to partition under next, after ``budget`` saved ``ratio`` (> ``target``)."""
     return max(budget - STEP * (ratio - target), budget / 2)
@@ -95,7 +100,7 @@ class BudgetedPartitioner(CustomPartitionerFn):
             return min_cut_partition(gm, joint_inputs, **kwargs)
         # the partitioner rewrites the module it is given (CSE, RNG functionalization): keep a
         # pristine copy to partition again
-        spare = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        spare = _copy(gm)
         fw, bw = min_cut_partition(gm, joint_inputs, **kwargs)
         saved = saved_set(fw, bw)
         ratio = saved.activation_bytes / reference
@@ -110,9 +115,8 @@ class BudgetedPartitioner(CustomPartitionerFn):
         budget = p.budget
         for attempt in range(MAX_REPARTITIONS):
             budget = next_budget(budget, ratio, p.target)
-            trial = spare if attempt == MAX_REPARTITIONS - 1 else fx.GraphModule(spare, copy.deepcopy(spare.graph))
             with functorch_config.patch(activation_memory_budget=budget):
-                fw, bw = min_cut_partition(trial, joint_inputs, **kwargs)
+                fw, bw = min_cut_partition(_copy(spare), joint_inputs, **kwargs)
             saved = saved_set(fw, bw)
             ratio = saved.activation_bytes / reference
             log.info("wtacrs: activation_memory_budget=%.4g saves %.4fx of plain torch.compile's activations",
